@@ -1,0 +1,51 @@
+"""Shared fixtures: a small synthetic feature spec and batches that follow the batch convention."""
+
+import pytest
+import torch
+
+from tabular2text.schema import FeatureSpec, Field
+
+
+def synthetic_spec() -> FeatureSpec:
+    """Every field kind once: ids, a multi-valued genre, a behavior sequence sharing the item table, a number."""
+    fields = (
+        Field("user_id", "categorical", "user", vocab_size=12),
+        Field("gender", "categorical", "user", text_name="gender", vocab_size=4),
+        Field("age", "numeric", "user", text_name="age"),
+        Field("history", "sequence", "user", text_name="history", max_len=5, shares_embedding="item_id",
+              text_field="title"),
+        Field("item_id", "categorical", "item", vocab_size=20),
+        Field("title", "categorical", "item", text_name="title", vocab_size=20),
+        Field("genres", "multi_valued", "item", text_name="genre", vocab_size=7, max_len=3),
+    )
+    return FeatureSpec(fields=fields, item_noun="movie", history_action="watched")
+
+
+def synthetic_batch(spec: FeatureSpec, batch_size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    batch: dict[str, torch.Tensor] = {}
+    for f in spec.fields:
+        vocab = spec[f.shares_embedding].vocab_size if f.shares_embedding else f.vocab_size
+        if f.kind == "numeric":
+            batch[f.name] = torch.randn(batch_size, generator=g)
+        elif f.kind == "categorical":
+            batch[f.name] = torch.randint(1, vocab, (batch_size,), generator=g)
+        else:
+            lengths = torch.randint(0, f.max_len + 1, (batch_size,), generator=g)
+            mask = torch.arange(f.max_len)[None, :] < lengths[:, None]
+            ids = torch.randint(1, vocab, (batch_size, f.max_len), generator=g)
+            batch[f.name] = torch.where(mask, ids, torch.zeros_like(ids))
+            batch[f.name + "_mask"] = mask
+    batch["label"] = torch.randint(0, 2, (batch_size,), generator=g).float()
+    batch["row"] = torch.arange(batch_size)
+    return batch
+
+
+@pytest.fixture
+def spec() -> FeatureSpec:
+    return synthetic_spec()
+
+
+@pytest.fixture
+def batch(spec) -> dict[str, torch.Tensor]:
+    return synthetic_batch(spec)
