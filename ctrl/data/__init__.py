@@ -1,0 +1,1 @@
+"""Data: readers for each layout, preparation into parquet + feature spec, and the Lightning data module."""

@@ -1,0 +1,212 @@
+"""Raw table -> labelled, time-split, encoded and rendered parquet files plus a feature-spec JSON.
+
+    read_table (sources.py) -> sort by time -> behavior history -> labels -> 8:1:1 split
+        -> vocabularies on train -> encode ids -> render text -> {train,val,test}.parquet + feature_spec.json
+
+The output directory is named by a fingerprint of the input files and every option, so an unchanged
+input is reused without recomputation and any change prepares a new directory. It is written to a
+temporary directory first and renamed, so an interrupted run never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctrl.data.sources import DataError, Table, read_table
+from tabular2text.schema import OOV, PAD, FeatureSpec, Field
+from tabular2text.templates import TextRenderer, is_missing, preset
+
+FORMAT_VERSION = 1  # bump when the prepared layout or its semantics change
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CTRL_CACHE_DIR", Path.home() / ".cache" / "ctrl-rec"))
+
+
+def fingerprint(table: Table, options: dict) -> str:
+    h = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "options": options}, sort_keys=True).encode())
+    for path in table.sources:
+        h.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def sort_by_time(frame: pd.DataFrame, timestamp: str | None) -> pd.DataFrame:
+    frame = frame.assign(_line=np.arange(len(frame)))
+    if timestamp:
+        frame = frame.sort_values(timestamp, kind="stable")  # ties keep file order
+    return frame.reset_index(drop=True)
+
+
+def build_history(frame: pd.DataFrame, user: str, item: str, timestamp: str | None, length: int) -> list[list[str]]:
+    """Per row: the user's `length` most recent items with a strictly earlier timestamp, newest last.
+    `frame` is sorted by time; without timestamps, file order stands in for time."""
+    times = frame[timestamp].to_numpy() if timestamp else np.arange(len(frame))
+    history: list[list[str]] = [[] for _ in range(len(frame))]
+    for rows in frame.groupby(user, sort=False).indices.values():  # row positions, in time order
+        items = frame[item].to_numpy()[rows]
+        ts = times[rows]
+        starts = np.searchsorted(ts, ts, side="left")  # number of this user's strictly earlier rows
+        for k, n_before in zip(rows, starts, strict=True):
+            history[k] = items[max(0, n_before - length):n_before].tolist()
+    return history
+
+
+def make_labels(frame: pd.DataFrame, table: Table) -> pd.Series:
+    rule = table.label
+    values = frame[rule.column].astype("float64")
+    if rule.positive_above is None and rule.negative_below is None:
+        bad = ~values.isin([0.0, 1.0])
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            raise DataError(f"{table.sources[-1]}: label column {rule.column!r} must hold 0 or 1, found"
+                            f" {frame[rule.column].iloc[i]!r} (data row {int(frame['_line'].iloc[i]) + 1}); give"
+                            " thresholds (positive_above / negative_below) for a rating column")
+        return values
+    labels = pd.Series(np.nan, index=frame.index)
+    labels[values > rule.positive_above] = 1.0
+    labels[values < rule.negative_below] = 0.0
+    return labels
+
+
+def fit_vocabulary(values: pd.Series) -> list[str]:
+    counts: Counter[str] = Counter()
+    for v in values:
+        if isinstance(v, list):
+            counts.update(x for x in v if not is_missing(x))
+        elif not is_missing(v):
+            counts[v] += 1
+    return sorted(counts, key=lambda k: (-counts[k], k))  # frequent first, ties by value: deterministic
+
+
+def encode_column(values: pd.Series, f: Field, spec: FeatureSpec) -> pd.Series | np.ndarray:
+    """Raw values -> ids (categorical: 0 missing, 1 unseen) or padded id lists; numbers standardised."""
+    if f.kind == "numeric":
+        mean, std = spec.numeric_stats[f.name]
+        return ((values.astype("float64") - mean) / std).fillna(0.0).to_numpy(np.float32)
+    index = {v: i + 2 for i, v in enumerate(spec.vocabulary_of(f.name))}
+    if f.kind == "categorical":
+        return np.array([PAD if is_missing(v) else index.get(v, OOV) for v in values], dtype=np.int32)
+    # Lists keep their newest (last) max_len entries.
+    return pd.Series([[index.get(x, OOV) for x in v if not is_missing(x)][-f.max_len:] for v in values],
+                     index=values.index)
+
+
+def build_spec(table: Table, train: pd.DataFrame) -> FeatureSpec:
+    vocabularies, stats, fields = {}, {}, []
+    for f in table.fields:
+        if f.kind == "numeric":
+            col = train[f.name].astype("float64")
+            std = float(col.std()) if col.notna().sum() > 1 else 1.0
+            stats[f.name] = (float(col.mean()) if col.notna().any() else 0.0, std if std > 0 else 1.0)
+            fields.append(f)
+            continue
+        if f.kind == "sequence":
+            fields.append(f)
+            continue
+        values = train[f.name]
+        sequences = [s for s in table.fields if s.kind == "sequence" and s.shares_embedding == f.name]
+        if sequences:  # history items seen in training count as known items
+            values = pd.concat([values, *(train[s.name] for s in sequences)], ignore_index=True)
+        vocabularies[f.name] = fit_vocabulary(values)
+        max_len = f.max_len
+        if f.kind == "multi_valued":
+            max_len = max(1, int(train[f.name].map(len).max()))
+        fields.append(replace(f, vocab_size=len(vocabularies[f.name]) + 2, max_len=max_len))
+    by_name = {f.name: f for f in fields}
+    fields = [replace(f, vocab_size=by_name[f.shares_embedding].vocab_size) if f.shares_embedding else f
+              for f in fields]
+    return FeatureSpec(fields=tuple(fields), vocabularies=vocabularies, numeric_stats=stats,
+                       item_noun=table.item_noun, history_action=table.history_action)
+
+
+def render_texts(frame: pd.DataFrame, table: Table, spec: FeatureSpec, template: str) -> tuple[list[str], list[int]]:
+    renderer = TextRenderer(spec.fields, preset(template), spec.item_noun, spec.history_action)
+    names: dict[str, dict[str, str]] = {}
+    for f in spec.fields:
+        if f.kind == "sequence" and f.text_field:
+            items = table.frame.drop_duplicates(f.shares_embedding)
+            names[f.name] = dict(zip(items[f.shares_embedding], items[f.text_field], strict=True))
+    columns = [f.name for f in spec.fields if f.text_name is not None]
+    texts, item_starts = [], []
+    for row in frame[columns].to_dict("records"):
+        for name, lookup in names.items():
+            row[name] = [lookup.get(i) or i for i in row[name]]
+        r = renderer.render(row)
+        texts.append(r.text)
+        item_starts.append(r.item_start)
+    return texts, item_starts
+
+
+def split_frame(frame: pd.DataFrame, name: str) -> dict[str, pd.DataFrame]:
+    n = len(frame)
+    cut1, cut2 = int(n * SPLIT_FRACTIONS[0]), int(n * (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]))
+    parts = dict(zip(SPLITS, (frame.iloc[:cut1], frame.iloc[cut1:cut2], frame.iloc[cut2:]), strict=True))
+    for split, part in parts.items():
+        if len(part) == 0:
+            raise DataError(f"{name}: the {split} split is empty ({n} labelled rows after filtering); the data"
+                            " needs at least 10 labelled rows")
+    return parts
+
+
+def prepare(data: str | Path, cache_dir: str | Path | None = None, history_length: int = 10,
+            template: str = "natural") -> Path:
+    """Prepare `data` (a directory or a schema YAML) once; return the directory holding the result."""
+    preset(template)  # fail on an unknown preset before any work
+    table = read_table(Path(data).expanduser(), history_length)
+    options = {"history_length": history_length, "template": template, "split": SPLIT_FRACTIONS}
+    key = fingerprint(table, options)
+    out = Path(cache_dir or default_cache_dir()).expanduser() / "prepared" / f"{table.name}-{key[:16]}"
+    if (out / "meta.json").is_file():
+        return out
+
+    frame = sort_by_time(table.frame, table.timestamp)
+    if table.history is not None:
+        h = table.history
+        frame["history"] = build_history(frame, h.user, h.item, table.timestamp, h.length)
+    frame["label"] = make_labels(frame, table)
+    frame = frame[frame["label"].notna()].reset_index(drop=True)
+    parts = split_frame(frame, table.name)
+    spec = build_spec(table, parts["train"])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        sizes = {}
+        for split, part in parts.items():
+            texts, item_starts = render_texts(part, table, spec, template)
+            columns = {f.name: encode_column(part[f.name], f, spec) for f in spec.fields}
+            columns["label"] = part["label"].to_numpy(np.int8)
+            if table.timestamp:
+                columns["timestamp"] = part[table.timestamp].to_numpy()
+            columns["text"] = texts
+            columns["item_start"] = np.array(item_starts, dtype=np.int32)
+            pd.DataFrame(columns).to_parquet(tmp / f"{split}.parquet", index=False)
+            sizes[split] = {"rows": len(part), "positive_rate": float(part["label"].mean())}
+        spec.save(tmp / "feature_spec.json")
+        meta = {"fingerprint": key, "dataset": table.name, "options": options,
+                "sources": [str(p) for p in table.sources], "splits": sizes, "timestamp": table.timestamp,
+                "label": asdict(table.label)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, out)
+        except OSError:  # a concurrent run (another DDP rank) finished first: its result is identical
+            if not (out / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

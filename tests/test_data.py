@@ -1,0 +1,249 @@
+"""The data pipeline on real MovieLens-100K, both download routes, ML-1M layout, generic data, bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ctrl.cli import main
+from ctrl.data.datamodule import CTRDataModule
+from ctrl.data.download import ensure_movielens_100k
+from ctrl.data.prepare import prepare
+from tabular2text.schema import OOV, FeatureSpec
+
+ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def ml100k(cache) -> Path:
+    return prepare(ML100K, cache)
+
+
+def splits(prepared: Path) -> dict[str, pd.DataFrame]:
+    return {s: pd.read_parquet(prepared / f"{s}.parquet") for s in ("train", "val", "test")}
+
+
+def test_ml100k_paper_protocol(ml100k):
+    parts = splits(ml100k)
+    sizes = {s: len(p) for s, p in parts.items()}
+    assert sizes == {"train": 58284, "val": 7285, "test": 7286}  # 72,855 = 100,000 minus 27,145 ratings of 3
+    assert parts["train"].timestamp.max() <= parts["val"].timestamp.min()
+    assert parts["val"].timestamp.max() <= parts["test"].timestamp.min()
+    for p in parts.values():
+        assert p.timestamp.is_monotonic_increasing
+        assert set(p.label.unique()) == {0, 1}
+    # Labels against the raw file: rating > 3 -> 1, rating < 3 -> 0, rating 3 dropped.
+    raw = pd.read_csv(ML100K / "u.data", sep="\t", names=["u", "i", "r", "t"])
+    assert (raw.r != 3).sum() == 72855 and (raw.r > 3).sum() == sum(int(p.label.sum()) for p in parts.values())
+
+
+def test_history_is_the_k_most_recent_strictly_earlier_items(ml100k):
+    spec = FeatureSpec.load(ml100k / "feature_spec.json")
+    vocab = spec.vocabulary_of("item_id")
+    users = spec.vocabulary_of("user_id")
+    raw = pd.read_csv(ML100K / "u.data", sep="\t", names=["u", "i", "r", "t"], dtype={"u": str, "i": str})
+    test = splits(ml100k)["test"]
+    for _, row in test[test.user_id > OOV].head(25).iterrows():
+        user = users[row.user_id - 2]
+        mine = raw[(raw.u == user) & (raw.t < row.timestamp)].sort_values("t", kind="stable")
+        expected = [vocab.index(i) + 2 if i in vocab else OOV for i in mine.i.tail(10)]  # any rating counts
+        assert list(row.history) == expected
+
+
+def test_vocabularies_come_from_train_only(ml100k):
+    spec = FeatureSpec.load(ml100k / "feature_spec.json")
+    parts = splits(ml100k)
+    assert spec["item_id"].vocab_size == len(spec.vocabularies["item_id"]) + 2
+    assert (parts["train"].item_id > OOV).all()
+    assert (parts["test"].item_id == OOV).sum() > 0  # items first rated after the train period
+
+
+def test_prepared_data_is_reused_and_any_option_change_recomputes(ml100k, cache):
+    mtime = (ml100k / "train.parquet").stat().st_mtime_ns
+    assert prepare(ML100K, cache) == ml100k
+    assert (ml100k / "train.parquet").stat().st_mtime_ns == mtime
+    other = prepare(ML100K, cache, history_length=3)
+    assert other != ml100k
+    assert max(len(h) for h in pd.read_parquet(other / "val.parquet").history) == 3
+
+
+def test_recbole_wheel_route_gives_identical_parquet(ml100k, tmp_path, cache):
+    """Offline, GroupLens fails fast and the RecBole copy in the recbole==1.2.1 wheel is used; online, the
+    GroupLens archive is. Either way the prepared content equals the raw ML-100K files'."""
+    downloaded = ensure_movielens_100k(tmp_path / "ml-100k")
+    other = prepare(downloaded, cache)
+    for split, frame in splits(ml100k).items():
+        pd.testing.assert_frame_equal(frame, pd.read_parquet(other / f"{split}.parquet"))
+    assert (other / "feature_spec.json").read_text() == (ml100k / "feature_spec.json").read_text()
+
+
+def test_datamodule_batches_follow_the_contract(ml100k, cache):
+    dm = CTRDataModule(str(ML100K), batch_size=512, cache_dir=str(cache))
+    assert dm.prepared_dir == ml100k
+    batch = next(iter(dm.train_dataloader()))
+    spec = dm.feature_spec
+    assert batch["label"].shape == (512,) and batch["label"].dtype == torch.float32
+    assert batch["history"].shape == (512, 10) and batch["history_mask"].dtype == torch.bool
+    assert torch.equal(batch["history_mask"], batch["history"] != 0)
+    assert batch["genres"].shape[1] == spec["genres"].max_len
+    first, second = dm.texts("train")
+    row = int(batch["row"][0])
+    text = dm.frame("train").text.iloc[row]
+    assert text.startswith(first[row]) and text.endswith(second[row])
+    assert second[row].startswith("This is a movie, title is ")
+
+
+# --- ML-1M layout and generic data -------------------------------------------------------------------------
+def write_ml1m(directory: Path, encoding: str) -> None:
+    directory.mkdir()
+    users = ["1::F::1::10::48067", "2::M::56::16::70072", "3::M::25::15::55117"]
+    movies = ["1::Toy Story (1995)::Animation|Children's|Comedy", "2::Jumanji (1995)::Adventure|Children's",
+              "3::Cité des enfants perdus, La (1995)::Sci-Fi", "4::Heat (1995)::Action|Crime|Thriller"]
+    ratings = [f"{u}::{i}::{(u + i) % 5 + 1}::{978300000 + 10 * k}"
+               for k, (u, i) in enumerate((u, i) for i in range(1, 5) for u in range(1, 4))]
+    ratings += [f"{u}::{i}::{(u * i) % 5 + 1}::{978400000 + 10 * k}"
+                for k, (u, i) in enumerate((u, i) for u in range(1, 4) for i in range(1, 5))]
+    (directory / "users.dat").write_text("\n".join(users) + "\n", encoding="ascii")
+    (directory / "movies.dat").write_bytes(("\n".join(movies) + "\n").encode(encoding))
+    (directory / "ratings.dat").write_text("\n".join(ratings) + "\n", encoding="ascii")
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-8"])
+def test_ml1m_layout_through_the_same_pipeline(tmp_path, encoding):
+    write_ml1m(tmp_path / "ml-1m", encoding)
+    dm = CTRDataModule(str(tmp_path / "ml-1m"), cache_dir=str(tmp_path / "cache"))
+    texts = " ".join(pd.concat([dm.frame(s) for s in ("train", "val", "test")]).text)
+    assert "Cité des enfants perdus" in texts  # decoded correctly from either encoding
+    assert "age is 56+" in texts and "occupation is self-employed" in texts
+    assert sum(len(dm.frame(s)) for s in ("train", "val", "test")) > 0
+    assert next(iter(dm.val_dataloader()))["history"].shape[1] == 10
+
+
+GENERIC_CSV = """user,gender,item,title,tags,price,click,ts
+u1,F,i1,Red Shoes,shoes|red,30,1,5
+u2,M,i2,Blue Hat,hat,12.5,0,1
+u1,F,i2,Blue Hat,hat,12.5,1,2
+u3,,i3,Green Bag,bag|green,,0,3
+u2,M,i1,Red Shoes,shoes|red,30,1,4
+u3,F,i1,Red Shoes,shoes|red,30,0,6
+u1,F,i3,Green Bag,bag|green,20,1,7
+u2,M,i3,Green Bag,bag|green,20,0,8
+u3,F,i2,Blue Hat,hat,12.5,1,9
+u1,F,i4,Gold Ring,jewel,99,1,10
+"""
+GENERIC_SCHEMA = """
+data: clicks.csv
+item_noun: product
+history_action: bought
+label: click
+timestamp: ts
+history: {user: user, item: item, length: 2, text_field: title}
+fields:
+  - {name: user, kind: categorical, side: user}
+  - {name: gender, kind: categorical, side: user, text: gender, values: {F: female, M: male}}
+  - {name: item, kind: categorical, side: item}
+  - {name: title, kind: categorical, side: item, text: title}
+  - {name: tags, kind: multi_valued, side: item, text: tags}
+  - {name: price, kind: numeric, side: item, text: price}
+"""
+
+
+def write_generic(directory: Path, csv: str = GENERIC_CSV, schema: str = GENERIC_SCHEMA) -> Path:
+    directory.mkdir(exist_ok=True)
+    (directory / "clicks.csv").write_text(csv)
+    (directory / "schema.yaml").write_text(schema)
+    return directory / "schema.yaml"
+
+
+def test_generic_csv_and_yaml_through_the_same_pipeline(tmp_path):
+    dm = CTRDataModule(str(write_generic(tmp_path / "shop")), cache_dir=str(tmp_path / "cache"))
+    train = dm.frame("train")
+    assert len(train) == 8 and list(train.timestamp) == sorted(train.timestamp)
+    assert train.text.iloc[7] == ("This is a user, gender is male, who has recently bought Blue Hat|Red Shoes."
+                                  " This is a product, title is Green Bag, tags is bag|green, price is 20.")
+    assert train.text.iloc[2] == ("This is a user. This is a product, title is Green Bag, tags is bag|green.")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["price"].dtype == torch.float32 and batch["tags"].shape == (8, 2)
+    mean, std = dm.feature_spec.numeric_stats["price"]
+    assert mean == pytest.approx(np.mean([30, 12.5, 12.5, 30, 30, 20, 20]))
+
+
+# --- bad input: a clear message, exit status 2, nothing written --------------------------------------------
+def run_prepare(capsys, data, cache: Path) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--data_dir", str(data), "--cache_dir", str(cache)])
+    assert exit_info.value.code == 2
+    assert not (cache / "prepared").exists() or not any((cache / "prepared").iterdir())
+    return capsys.readouterr().err
+
+
+def copy_ml100k(target: Path) -> Path:
+    target.mkdir()
+    for name in ("u.data", "u.user", "u.item", "u.genre"):
+        (target / name).write_bytes((ML100K / name).read_bytes())
+    return target
+
+
+def test_missing_file(tmp_path, capsys):
+    data = copy_ml100k(tmp_path / "d")
+    (data / "u.user").unlink()
+    assert f"missing file: {data / 'u.user'}" in run_prepare(capsys, data, tmp_path / "c")
+
+
+def test_malformed_line_names_file_and_line(tmp_path, capsys):
+    data = copy_ml100k(tmp_path / "d")
+    lines = (data / "u.data").read_text().splitlines()
+    lines[41] = "196\t242\t3"
+    (data / "u.data").write_text("\n".join(lines) + "\n")
+    err = run_prepare(capsys, data, tmp_path / "c")
+    assert f"{data / 'u.data'}:42: expected 4" in err and "found 3" in err
+
+
+def test_non_numeric_rating_names_file_line_and_value(tmp_path, capsys):
+    data = copy_ml100k(tmp_path / "d")
+    lines = (data / "u.data").read_text().splitlines()
+    lines[6] = "196\t242\tfive\t881250949"
+    (data / "u.data").write_text("\n".join(lines) + "\n")
+    assert f"{data / 'u.data'}:7: rating 'five' is not a number" in run_prepare(capsys, data, tmp_path / "c")
+
+
+def test_schema_naming_an_unknown_column(tmp_path, capsys):
+    schema = write_generic(tmp_path / "g", schema=GENERIC_SCHEMA.replace("name: title,", "name: headline,"))
+    err = run_prepare(capsys, schema, tmp_path / "c")
+    assert "'headline'" in err and "not in clicks.csv" in err and "its columns: user, gender" in err
+
+
+def test_schema_with_unknown_field_kind(tmp_path, capsys):
+    schema = write_generic(tmp_path / "g", schema=GENERIC_SCHEMA.replace("kind: numeric", "kind: number"))
+    err = run_prepare(capsys, schema, tmp_path / "c")
+    assert "fields[5] (price): unknown kind 'number'" in err and "categorical, multi_valued" in err
+
+
+@pytest.mark.parametrize("bad", ["2", ""])
+def test_labels_outside_0_1(tmp_path, capsys, bad):
+    csv = GENERIC_CSV.replace("u2,M,i2,Blue Hat,hat,12.5,0,1", f"u2,M,i2,Blue Hat,hat,12.5,{bad},1")
+    err = run_prepare(capsys, write_generic(tmp_path / "g", csv=csv), tmp_path / "c")
+    assert "label column 'click' must hold 0 or 1" in err and "data row 2" in err
+
+
+def test_empty_split_after_filtering(tmp_path, capsys):
+    schema = GENERIC_SCHEMA.replace("label: click", "label: {column: price, positive_above: 50, negative_below: 5}")
+    err = run_prepare(capsys, write_generic(tmp_path / "g", schema=schema), tmp_path / "c")
+    assert "split is empty (1 labelled rows after filtering)" in err
+
+
+def test_cli_prepare_prints_sizes_rates_and_texts(capsys, ml100k, cache):
+    main(["prepare", "--data_dir", str(ML100K), "--cache_dir", str(cache)])
+    out = capsys.readouterr().out
+    assert "train     58284         0.7567" in out and "test       7286         0.7693" in out
+    assert out.count("This is a user,") == 3
+    meta = json.loads((ml100k / "meta.json").read_text())
+    assert meta["splits"]["val"]["rows"] == 7285
