@@ -82,6 +82,8 @@ class FeatureSpec:
         numeric_stats: numeric field name -> (mean, std) on the train split.
         item_noun: "movie", "product", ... for the item intro template.
         history_action: "watched", "bought", ... for the behavior-sequence template.
+        user_field: the user-id field, if any (cold-start slice: users never seen in training).
+        item_field: the item-id field, if any (cold-start slice: items never seen in training).
     """
 
     fields: tuple[Field, ...]
@@ -89,6 +91,8 @@ class FeatureSpec:
     numeric_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
     item_noun: str = "item"
     history_action: str = "interacted with"
+    user_field: str | None = None
+    item_field: str | None = None
 
     def __getitem__(self, name: str) -> Field:
         for f in self.fields:
@@ -115,6 +119,8 @@ class FeatureSpec:
             "numeric_stats": {k: list(v) for k, v in self.numeric_stats.items()},
             "item_noun": self.item_noun,
             "history_action": self.history_action,
+            "user_field": self.user_field,
+            "item_field": self.item_field,
         }
 
     @classmethod
@@ -125,6 +131,8 @@ class FeatureSpec:
             numeric_stats={k: (float(v[0]), float(v[1])) for k, v in d.get("numeric_stats", {}).items()},
             item_noun=d.get("item_noun", "item"),
             history_action=d.get("history_action", "interacted with"),
+            user_field=d.get("user_field"),
+            item_field=d.get("item_field"),
         )
 
     def save(self, path: str | Path) -> None:

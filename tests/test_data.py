@@ -145,7 +145,9 @@ item_noun: product
 history_action: bought
 label: click
 timestamp: ts
-history: {user: user, item: item, length: 2, text_field: title}
+user: user
+item: item
+history: {length: 2, text_field: title}
 fields:
   - {name: user, kind: categorical, side: user}
   - {name: gender, kind: categorical, side: user, text: gender, values: {F: female, M: male}}
@@ -172,6 +174,7 @@ def test_generic_csv_and_yaml_through_the_same_pipeline(tmp_path):
     assert train.text.iloc[2] == ("This is a user. This is a product, title is Green Bag, tags is bag|green.")
     batch = next(iter(dm.train_dataloader()))
     assert batch["price"].dtype == torch.float32 and batch["tags"].shape == (8, 2)
+    assert (dm.feature_spec.user_field, dm.feature_spec.item_field) == ("user", "item")
     mean, std = dm.feature_spec.numeric_stats["price"]
     assert mean == pytest.approx(np.mean([30, 12.5, 12.5, 30, 30, 20, 20]))
 

@@ -4,40 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ctrl.data.download import ensure_movielens_100k
+from ctrl.data.encode import frame_to_tensors
 from ctrl.data.prepare import SPLITS, prepare
 from tabular2text.schema import FeatureSpec
-
-
-def pad_lists(values: pd.Series, max_len: int) -> torch.Tensor:
-    """Lists of ids -> [N, max_len] LongTensor, 0-padded at the end."""
-    out = np.zeros((len(values), max_len), dtype=np.int64)
-    for i, v in enumerate(values):
-        out[i, : len(v)] = v
-    return torch.from_numpy(out)
-
-
-def frame_to_tensors(frame: pd.DataFrame, spec: FeatureSpec) -> dict[str, torch.Tensor]:
-    """Encoded columns -> the batch dict of the whole split (label only when the frame has one)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for f in spec.fields:
-        if f.is_list:
-            tensors[f.name] = pad_lists(frame[f.name], f.max_len)
-            tensors[f.name + "_mask"] = tensors[f.name] != 0
-        elif f.kind == "numeric":
-            tensors[f.name] = torch.tensor(frame[f.name].to_numpy(np.float32))
-        else:
-            tensors[f.name] = torch.tensor(frame[f.name].to_numpy(np.int64))
-    if "label" in frame:
-        tensors["label"] = torch.tensor(frame["label"].to_numpy(np.float32))
-    tensors["row"] = torch.arange(len(frame))
-    return tensors
 
 
 class TensorDictDataset(Dataset):

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctrl.data.encode import encode_column
 from ctrl.data.sources import DataError, Table, read_table
-from tabular2text.schema import OOV, PAD, FeatureSpec, Field
+from tabular2text.schema import FeatureSpec
 from tabular2text.templates import TextRenderer, is_missing, preset
 
-FORMAT_VERSION = 1  # bump when the prepared layout or its semantics change
+FORMAT_VERSION = 2  # bump when the prepared layout or its semantics change
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -93,19 +94,6 @@ def fit_vocabulary(values: pd.Series) -> list[str]:
     return sorted(counts, key=lambda k: (-counts[k], k))  # frequent first, ties by value: deterministic
 
 
-def encode_column(values: pd.Series, f: Field, spec: FeatureSpec) -> pd.Series | np.ndarray:
-    """Raw values -> ids (categorical: 0 missing, 1 unseen) or padded id lists; numbers standardised."""
-    if f.kind == "numeric":
-        mean, std = spec.numeric_stats[f.name]
-        return ((values.astype("float64") - mean) / std).fillna(0.0).to_numpy(np.float32)
-    index = {v: i + 2 for i, v in enumerate(spec.vocabulary_of(f.name))}
-    if f.kind == "categorical":
-        return np.array([PAD if is_missing(v) else index.get(v, OOV) for v in values], dtype=np.int32)
-    # Lists keep their newest (last) max_len entries.
-    return pd.Series([[index.get(x, OOV) for x in v if not is_missing(x)][-f.max_len:] for v in values],
-                     index=values.index)
-
-
 def build_spec(table: Table, train: pd.DataFrame) -> FeatureSpec:
     vocabularies, stats, fields = {}, {}, []
     for f in table.fields:
@@ -131,7 +119,8 @@ def build_spec(table: Table, train: pd.DataFrame) -> FeatureSpec:
     fields = [replace(f, vocab_size=by_name[f.shares_embedding].vocab_size) if f.shares_embedding else f
               for f in fields]
     return FeatureSpec(fields=tuple(fields), vocabularies=vocabularies, numeric_stats=stats,
-                       item_noun=table.item_noun, history_action=table.history_action)
+                       item_noun=table.item_noun, history_action=table.history_action,
+                       user_field=table.user_field, item_field=table.item_field)
 
 
 def render_texts(frame: pd.DataFrame, table: Table, spec: FeatureSpec, template: str) -> tuple[list[str], list[int]]:

@@ -58,6 +58,8 @@ class Table:
     item_noun: str
     history_action: str
     sources: tuple[Path, ...]
+    user_field: str | None = None
+    item_field: str | None = None
 
 
 # --- MovieLens ------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def movielens_table(name: str, ratings: pd.DataFrame, users: pd.DataFrame, items
     return Table(name=name, frame=frame, fields=movielens_fields(history_length, **text_maps),
                  label=LabelRule("rating", positive_above=3, negative_below=3), timestamp="timestamp",
                  history=HistoryRule("user_id", "item_id", history_length), item_noun="movie",
-                 history_action="watched", sources=sources)
+                 history_action="watched", sources=sources, user_field="user_id", item_field="item_id")
 
 
 def split_title(title: str) -> tuple[str, str | None]:
@@ -249,7 +251,9 @@ def read_generic(schema_path: Path, history_length: int | None = None) -> Table:
         history_action: bought
         label: click                  # a {0,1} column; or {column: rating, positive_above: 3, negative_below: 3}
         timestamp: ts                 # optional; without it rows are split in file order
-        history: {user: user_id, item: item_id, length: 10, text_field: title}   # optional
+        user: user_id                 # optional: the user-id column (history, cold-start slice)
+        item: item_id                 # optional: the item-id column (history, cold-start slice)
+        history: {length: 10, text_field: title}   # optional, needs `user` and `item`
         fields:
           - {name: user_id, kind: categorical, side: user}
           - {name: gender, kind: categorical, side: user, text: gender, values: {F: female}}
@@ -278,14 +282,13 @@ def read_generic(schema_path: Path, history_length: int | None = None) -> Table:
 
     label = schema["label"]
     label = LabelRule(label) if isinstance(label, str) else LabelRule(**label)
-    history = schema.get("history")
-    text_field = None
+    user, item = schema.get("user"), schema.get("item")
+    history, text_field = schema.get("history"), None
     if history is not None:
-        history = dict(history)
-        text_field = history.pop("text_field", None)
-        history = HistoryRule(**history)
-        if history_length is not None:
-            history = HistoryRule(history.user, history.item, history_length)
+        if not (user and item):
+            raise DataError(f"{schema_path}: `history` needs the top-level keys `user` and `item` (id columns)")
+        text_field = history.get("text_field")
+        history = HistoryRule(user, item, history_length or int(history.get("length", 10)))
     fields = []
     for i, spec in enumerate(schema["fields"]):
         where = f"{schema_path}: fields[{i}]"
@@ -309,7 +312,7 @@ def read_generic(schema_path: Path, history_length: int | None = None) -> Table:
             "history", "sequence", "user", text_name="history", max_len=history.length,
             shares_embedding=history.item, text_field=text_field))
 
-    needed = [f.name for f in fields if f.kind != "sequence"] + [label.column]
+    needed = [f.name for f in fields if f.kind != "sequence"] + [label.column] + [c for c in (user, item) if c]
     needed += [schema["timestamp"]] if schema.get("timestamp") else []
     missing = [c for c in needed if c not in frame.columns]
     if missing:
@@ -329,7 +332,8 @@ def read_generic(schema_path: Path, history_length: int | None = None) -> Table:
         frame[ts] = numeric_column(frame[ts], data_path, ts, first_line=2)
     return Table(name=data_path.stem, frame=frame, fields=tuple(fields), label=label, timestamp=ts,
                  history=history, item_noun=schema.get("item_noun", "item"),
-                 history_action=schema.get("history_action", "interacted with"), sources=(schema_path, data_path))
+                 history_action=schema.get("history_action", "interacted with"), sources=(schema_path, data_path),
+                 user_field=user, item_field=item)
 
 
 def detect_format(path: Path) -> str:
