@@ -1,0 +1,89 @@
+"""Metrics agree with an independent AUC, are computed per epoch, and CTRModule runs end to end."""
+
+from functools import partial
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from conftest import synthetic_batch
+from scipy.stats import rankdata
+from torch.utils.data import DataLoader
+from torchmetrics.classification import BinaryAUROC
+
+from finetune import CTRModule
+from towers import DIN, DeepFM
+
+
+def rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney U / (n_pos n_neg); tied scores share their average rank (count one half)."""
+    ranks = rankdata(scores)  # average ranks for ties
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    return (ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def test_binary_auroc_matches_rank_auc_with_ties():
+    scores = np.array([0.1, 0.4, 0.4, 0.35, 0.8, 0.8, 0.8, 0.2, 0.5, 0.5, 0.9, 0.1, 0.4, 0.65])
+    labels = np.array([0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0])
+    expected = rank_auc(scores, labels)
+    # ties matter here: breaking them in favour of the positives would give another value
+    assert abs(expected - rank_auc(scores + labels * 1e-9, labels)) > 1e-3
+    got = BinaryAUROC()(torch.tensor(scores, dtype=torch.float64), torch.tensor(labels)).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def trainer(**overrides) -> pl.Trainer:
+    options = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+               "enable_progress_bar": False, "enable_model_summary": False}
+    return pl.Trainer(**{**options, **overrides})
+
+
+def loader(spec, sizes, seed=0) -> DataLoader:
+    """Ready-made batches following the batch contract (batch_size=None: no re-collation)."""
+    batches = [synthetic_batch(spec, size, seed + i) for i, size in enumerate(sizes)]
+    return DataLoader(batches, batch_size=None)
+
+
+TINY_DEEPFM = partial(DeepFM, embed_dim=8, mlp_dims=(16,))
+
+
+@pytest.mark.parametrize("backbone", [TINY_DEEPFM, partial(DIN, embed_dim=8)], ids=["deepfm", "din"])
+def test_ctr_module_fast_dev_run(spec, backbone):
+    torch.manual_seed(0)
+    module = CTRModule(spec, backbone)
+    before = [p.detach().clone() for p in module.parameters()]
+    data = loader(spec, [32, 32])
+    fit = trainer(fast_dev_run=True)
+    fit.fit(module, train_dataloaders=data, val_dataloaders=data)
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+    (results,) = fit.test(module, data, verbose=False)
+    assert set(results) == {"test/auc", "test/logloss"}
+    assert 0 <= results["test/auc"] <= 1 and results["test/logloss"] > 0
+
+    probabilities = torch.cat(fit.predict(module, data))
+    assert probabilities.shape == (32,)  # fast_dev_run: one batch
+    assert torch.all((probabilities > 0) & (probabilities < 1))
+
+
+def test_validation_metrics_are_epoch_level(spec):
+    """AUC and logloss over all rows of the epoch, not means of per-batch values (batch sizes differ)."""
+    torch.manual_seed(0)
+    module = CTRModule(spec, TINY_DEEPFM)
+    data = loader(spec, [40, 6, 10], seed=3)
+    (results,) = trainer().validate(module, data, verbose=False)
+
+    module.eval()
+    with torch.no_grad():
+        logits = [module(batch) for batch in data]
+    labels = [batch["label"] for batch in data]
+    scores, targets = torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    epoch_auc = rank_auc(scores, targets)
+    epoch_logloss = F.binary_cross_entropy_with_logits(torch.cat(logits), torch.cat(labels)).item()
+    assert results["val/auc"] == pytest.approx(epoch_auc, abs=1e-6)
+    assert results["val/logloss"] == pytest.approx(epoch_logloss, abs=1e-6)
+
+    batch_mean_auc = np.mean([rank_auc(s.numpy(), y.numpy()) for s, y in zip(logits, labels, strict=True)])
+    assert abs(batch_mean_auc - epoch_auc) > 1e-3  # the data tells the two apart

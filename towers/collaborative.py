@@ -1,0 +1,442 @@
+"""The collaborative tower: field embeddings -> backbone -> representation (the layer under the logit).
+
+Every backbone takes the feature spec as its first positional argument and typed keyword
+hyper-parameters after it, so `BACKBONES[name](spec, **init_args)` rebuilds any of them. Each
+`forward` returns the representation chosen so that one linear read-out of it is the usual model:
+first-order (wide / LR) parts are returned per field and FM-style parts as their interaction vector,
+so the read-out's weights can reproduce their sums.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tabular2text.schema import FeatureSpec
+from towers.embedding import FieldEmbedding
+from towers.interactions import (
+    BilinearInteraction,
+    CompressedInteractionNetwork,
+    CrossNetwork,
+    CrossNetworkV2,
+    FactorizationMachine,
+    InnerProduct,
+    InteractingLayer,
+    SqueezeExcitation,
+    TargetAttention,
+)
+from towers.mlp import MLP
+
+Batch = dict[str, torch.Tensor]
+
+
+class CollaborativeTower(nn.Module):
+    """Base class: owns the field embeddings; subclasses define the representation.
+
+    Args:
+        spec: the feature spec.
+        embed_dim: E.
+
+    Attributes:
+        output_dim: D, the width of `forward`'s output.
+    """
+
+    output_dim: int
+    init_args: dict
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # Record each backbone's keyword arguments (defaults filled in) so that an export can rebuild it
+        # as BACKBONES[name](spec, **init_args) without pickling or importing a class by its path.
+        super().__init_subclass__(**kwargs)
+        init, signature = cls.__init__, inspect.signature(cls.__init__)
+
+        @functools.wraps(init)
+        def recording_init(self, spec: FeatureSpec, **init_args) -> None:
+            init(self, spec, **init_args)
+            if type(self) is cls:
+                bound = signature.bind(self, spec, **init_args)
+                bound.apply_defaults()
+                self.init_args = {k: list(v) if isinstance(v, tuple) else v
+                                  for k, v in bound.arguments.items() if k not in ("self", "spec")}
+
+        cls.__init__ = recording_init
+
+    def __init__(self, spec: FeatureSpec, embed_dim: int) -> None:
+        super().__init__()
+        self.embedding = FieldEmbedding(spec, embed_dim)
+
+    @property
+    def config(self) -> tuple[str, dict]:
+        """(registry name, init args): what `BACKBONES[name](spec, **init_args)` needs to rebuild this tower."""
+        names = [name for name, cls in BACKBONES.items() if cls is type(self)]
+        if not names:
+            raise ValueError(f"{type(self).__name__} is not in towers.BACKBONES; register it to export it")
+        return names[0], dict(self.init_args)
+
+    def field_embeddings(self, batch: Batch) -> torch.Tensor:
+        """B x F x E, one slot per field in spec order."""
+        return self.embedding(batch)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """B x D representation."""
+        raise NotImplementedError
+
+
+class WideDeep(CollaborativeTower):
+    """Wide & Deep (Cheng et al. 2016). Representation: [per-field wide weights (F), deep MLP output].
+
+    Args:
+        spec: the feature spec.
+        embed_dim: E.
+        mlp_dims: hidden sizes of the deep MLP over the flat embeddings.
+        dropout: MLP dropout.
+        batch_norm: MLP BatchNorm.
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        embed_dim: int = 32,
+        mlp_dims: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__(spec, embed_dim)
+        num_fields = self.embedding.num_fields
+        self.wide = FieldEmbedding(spec, 1)
+        self.deep = MLP(num_fields * embed_dim, mlp_dims, dropout, batch_norm)
+        self.output_dim = num_fields + self.deep.output_dim
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        deep = self.deep(self.field_embeddings(batch).flatten(1))
+        return torch.cat([self.wide(batch).flatten(1), deep], dim=1)
+
+
+class DeepFM(CollaborativeTower):
+    """DeepFM (Guo et al. 2017). Representation: [first-order (F), FM interaction vector (E), MLP output].
+
+    Args:
+        spec: the feature spec.
+        embed_dim: E.
+        mlp_dims: hidden sizes of the deep MLP over the flat embeddings.
+        dropout: MLP dropout.
+        batch_norm: MLP BatchNorm.
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        embed_dim: int = 32,
+        mlp_dims: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__(spec, embed_dim)
+        num_fields = self.embedding.num_fields
+        self.first_order = FieldEmbedding(spec, 1)
+        self.fm = FactorizationMachine()
+        self.deep = MLP(num_fields * embed_dim, mlp_dims, dropout, batch_norm)
+        self.output_dim = num_fields + embed_dim + self.deep.output_dim
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        emb = self.field_embeddings(batch)
+        return torch.cat([self.first_order(batch).flatten(1), self.fm(emb), self.deep(emb.flatten(1))], dim=1)
+
+
+class DCN(CollaborativeTower):
+    """Deep & Cross Network (Wang et al. 2017). Representation: [cross output (F*E), MLP output].
+
+    Args:
+        spec: the feature spec.
+        embed_dim: E.
+        num_cross_layers: cross layers.
+        mlp_dims: hidden sizes of the deep MLP, parallel to the cross network.
+        dropout: MLP dropout.
+        batch_norm: MLP BatchNorm.
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        embed_dim: int = 32,
+        num_cross_layers: int = 3,
+        mlp_dims: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__(spec, embed_dim)
+        flat_dim = self.embedding.num_fields * embed_dim
+        self.cross = CrossNetwork(flat_dim, num_cross_layers)
+        self.deep = MLP(flat_dim, mlp_dims, dropout, batch_norm)
+        self.output_dim = flat_dim + self.deep.output_dim
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        flat = self.field_embeddings(batch).flatten(1)
+        return torch.cat([self.cross(flat), self.deep(flat)], dim=1)
+
+
+class DCNv2(CollaborativeTower):
+    """DCN-V2 (Wang et al. 2021), parallel structure, full-rank cross layers.
+
+    Representation: [cross output (F*E), MLP output].
+
+    Args:
+        spec: the feature spec.
+        embed_dim: E.
+        num_cross_layers: cross layers.
+        mlp_dims: hidden sizes of the deep MLP, parallel to the cross network.
+        dropout: MLP dropout.
+        batch_norm: MLP BatchNorm.
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        embed_dim: int = 32,
+        num_cross_layers: int = 3,
+        mlp_dims: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__(spec, embed_dim)
+        flat_dim = self.embedding.num_fields * embed_dim
+        self.cross = CrossNetworkV2(flat_dim, num_cross_layers)
+        self.deep = MLP(flat_dim, mlp_dims, dropout, batch_norm)
+        self.output_dim = flat_dim + self.deep.output_dim
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        flat = self.field_embeddings(batch).flatten(1)
+        return torch.cat([self.cross(flat), self.deep(flat)], dim=1)
+
+
+class AutoInt(CollaborativeTower):
+    """AutoInt+ (Song et al. 2019): self-attentive field interactions beside a deep MLP.
+
+    Representation: [attended fields (F*E), MLP output].
+
+    Args:
+        spec: the feature spec.
+        embed_dim: E.
+        num_attention_layers: interacting layers.
+        num_heads: attention heads per layer; must divide E.
+        mlp_dims: hidden sizes of the deep MLP over the flat embeddings.
+        dropout: MLP dropout.
+        batch_norm: MLP BatchNorm.
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        embed_dim: int = 32,
+        num_attention_layers: int = 3,
+        num_heads: int = 2,
+        mlp_dims: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__(spec, embed_dim)
+        flat_dim = self.embedding.num_fields * embed_dim
+        self.attention = nn.Sequential(
+            *(InteractingLayer(embed_dim, num_heads) for _ in range(num_attention_layers))
+        )
+        self.deep = MLP(flat_dim, mlp_dims, dropout, batch_norm)
+        self.output_dim = flat_dim + self.deep.output_dim
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        emb = self.field_embeddings(batch)
+        return torch.cat([self.attention(emb).flatten(1), self.deep(emb.flatten(1))], dim=1)
+
+
+class XDeepFM(CollaborativeTower):
+    """xDeepFM (Lian et al. 2018). Representation: [first-order (F), CIN output, MLP output].
+
+    Args:
+        spec: the feature spec.
+        embed_dim: E.
+        cin_layer_sizes: feature maps per CIN layer.
+        mlp_dims: hidden sizes of the deep MLP over the flat embeddings.
+        dropout: MLP dropout.
+        batch_norm: MLP BatchNorm.
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        embed_dim: int = 32,
+        cin_layer_sizes: Sequence[int] = (16, 16, 16),
+        mlp_dims: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__(spec, embed_dim)
+        num_fields = self.embedding.num_fields
+        self.first_order = FieldEmbedding(spec, 1)
+        self.cin = CompressedInteractionNetwork(num_fields, cin_layer_sizes)
+        self.deep = MLP(num_fields * embed_dim, mlp_dims, dropout, batch_norm)
+        self.output_dim = num_fields + self.cin.output_dim + self.deep.output_dim
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        emb = self.field_embeddings(batch)
+        first_order = self.first_order(batch).flatten(1)
+        return torch.cat([first_order, self.cin(emb), self.deep(emb.flatten(1))], dim=1)
+
+
+class FiBiNet(CollaborativeTower):
+    """FiBiNET (Huang et al. 2019): SENET-reweighted and plain embeddings, each through a bilinear
+    interaction, into a deep MLP. Representation: [first-order (F), MLP output].
+
+    Args:
+        spec: the feature spec.
+        embed_dim: E.
+        reduction_ratio: SENET bottleneck ratio.
+        mlp_dims: hidden sizes of the deep MLP over both bilinear outputs.
+        dropout: MLP dropout.
+        batch_norm: MLP BatchNorm.
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        embed_dim: int = 32,
+        reduction_ratio: int = 3,
+        mlp_dims: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__(spec, embed_dim)
+        num_fields = self.embedding.num_fields
+        num_pairs = num_fields * (num_fields - 1) // 2
+        self.first_order = FieldEmbedding(spec, 1)
+        self.senet = SqueezeExcitation(num_fields, reduction_ratio)
+        self.bilinear = BilinearInteraction(embed_dim)
+        self.senet_bilinear = BilinearInteraction(embed_dim)
+        self.deep = MLP(2 * num_pairs * embed_dim, mlp_dims, dropout, batch_norm)
+        self.output_dim = num_fields + self.deep.output_dim
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        emb = self.field_embeddings(batch)
+        pairs = torch.cat([self.bilinear(emb), self.senet_bilinear(self.senet(emb))], dim=1)  # B x 2P x E
+        return torch.cat([self.first_order(batch).flatten(1), self.deep(pairs.flatten(1))], dim=1)
+
+
+class PNN(CollaborativeTower):
+    """Inner-product PNN (Qu et al. 2016): flat embeddings and all pairwise inner products into an MLP.
+
+    Representation: MLP output.
+
+    Args:
+        spec: the feature spec.
+        embed_dim: E.
+        mlp_dims: hidden sizes of the MLP over the product layer.
+        dropout: MLP dropout.
+        batch_norm: MLP BatchNorm.
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        embed_dim: int = 32,
+        mlp_dims: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__(spec, embed_dim)
+        num_fields = self.embedding.num_fields
+        self.inner_product = InnerProduct()
+        num_pairs = num_fields * (num_fields - 1) // 2
+        self.deep = MLP(num_fields * embed_dim + num_pairs, mlp_dims, dropout, batch_norm)
+        self.output_dim = self.deep.output_dim
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        emb = self.field_embeddings(batch)
+        return self.deep(torch.cat([emb.flatten(1), self.inner_product(emb)], dim=1))
+
+
+class DIN(CollaborativeTower):
+    """Deep Interest Network (Zhou et al. 2018): each behavior sequence is pooled by attention of its
+    target item (the field whose table it shares) instead of the mean; then a deep MLP.
+
+    Representation: MLP output.
+
+    Args:
+        spec: the feature spec; needs at least one sequence field with `shares_embedding`.
+        embed_dim: E.
+        attention_dims: hidden sizes of the attention unit's scoring MLP.
+        mlp_dims: hidden sizes of the deep MLP over the flat embeddings.
+        dropout: MLP dropout.
+        batch_norm: MLP BatchNorm.
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        embed_dim: int = 32,
+        attention_dims: Sequence[int] = (80, 40),
+        mlp_dims: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__(spec, embed_dim)
+        slot = {name: i for i, name in enumerate(spec.names)}
+        # sequence name -> (its slot, the slot of its target item)
+        self.slots = {
+            f.name: (slot[f.name], slot[f.shares_embedding]) for f in spec.fields if f.shares_embedding
+        }
+        if not self.slots:
+            raise ValueError("DIN needs a sequence field with shares_embedding (its target item field)")
+        self.attention = nn.ModuleDict({
+            name: TargetAttention(embed_dim, attention_dims) for name in self.slots
+        })
+        self.deep = MLP(self.embedding.num_fields * embed_dim, mlp_dims, dropout, batch_norm)
+        self.output_dim = self.deep.output_dim
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        slots = list(self.field_embeddings(batch).unbind(1))
+        for name, attention in self.attention.items():
+            seq, target = self.slots[name]
+            slots[seq] = attention(slots[target], *self.embedding.sequence(batch, name))
+        return self.deep(torch.cat(slots, dim=1))
+
+
+BACKBONES: dict[str, type[CollaborativeTower]] = {
+    "wide_deep": WideDeep,
+    "deepfm": DeepFM,
+    "dcn": DCN,
+    "autoint": AutoInt,
+    "dcnv2": DCNv2,
+    "xdeepfm": XDeepFM,
+    "fibinet": FiBiNet,
+    "pnn": PNN,
+    "din": DIN,
+}
+
+
+class CTRModel(nn.Module):
+    """A collaborative tower plus a fresh linear output layer.
+
+    Args:
+        tower: the (possibly aligned) collaborative tower.
+
+    Shapes: batch -> B logits.
+    """
+
+    def __init__(self, tower: CollaborativeTower) -> None:
+        super().__init__()
+        self.tower = tower
+        self.head = nn.Linear(tower.output_dim, 1)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.head(self.tower(batch)).squeeze(-1)
