@@ -1,3 +1,5 @@
+import inspect
+
 """Seeded checks of the field embeddings, the interaction parts and every registered backbone."""
 
 import json
@@ -119,10 +121,15 @@ def test_padded_positions_are_ignored(name, spec):
 
 
 def test_paper_defaults():
-    assert all(
-        cls.__init__.__kwdefaults__["embed_dim"] == 32
-        and tuple(cls.__init__.__kwdefaults__["mlp_dims"]) == (256, 128, 64)
-        and cls.__init__.__kwdefaults__["batch_norm"]
-        and 0 < cls.__init__.__kwdefaults__["dropout"] < 1
-        for cls in BACKBONES.values()
-    )
+    for cls in BACKBONES.values():
+        defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+        assert defaults["embed_dim"] == 32 and tuple(defaults["mlp_dims"]) == (256, 128, 64)
+        assert defaults["batch_norm"] and 0 < defaults["dropout"] < 1
+
+
+def test_init_args_rebuild_the_same_tower(spec):
+    for name, cls in BACKBONES.items():
+        tower = cls(spec, embed_dim=8, dropout=0.3)
+        assert tower.config[0] == name and tower.config[1]["embed_dim"] == 8 and tower.config[1]["dropout"] == 0.3
+        rebuilt = BACKBONES[name](spec, **tower.config[1])
+        assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in tower.parameters()]
