@@ -1,7 +1,7 @@
-import inspect
 
 """Seeded checks of the field embeddings, the interaction parts and every registered backbone."""
 
+import inspect
 import json
 
 import pytest
