@@ -19,7 +19,7 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
 
 from ctrl.data.datamodule import CTRDataModule
-from finetune import CTRModule
+from finetune.module import CTRModule
 from towers import BACKBONES
 
 SEED = 0
@@ -27,7 +27,7 @@ SEED = 0
 
 def run(name: str, datamodule: CTRDataModule, max_epochs: int, checkpoint_dir: str) -> dict[str, float]:
     pl.seed_everything(SEED, verbose=False)
-    module = CTRModule(datamodule.feature_spec, BACKBONES[name])
+    module = CTRModule(datamodule.feature_spec.to_dict(), BACKBONES[name])
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename=name, monitor="val/auc", mode="max")
     timer = Timer()
     trainer = pl.Trainer(

@@ -1,13 +1,17 @@
 """The `ctrl` command.
 
     ctrl prepare --data_dir DIR          prepare a data set; print split sizes, positive rates and texts
+    ctrl run --align A.yaml --finetune F.yaml   the main job: stage 1 -> stage 2 -> test -> export
     ctrl fit|validate|test|predict ...   Lightning CLI; the model's class_path picks the stage
+
+W&B runs offline unless WANDB_API_KEY is set (no prompt, no network).
 
 Data errors print one clear line and exit with status 2; nothing is half-written.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from jsonargparse import CLI
@@ -15,6 +19,8 @@ from pytorch_lightning.cli import LightningCLI
 
 from ctrl.data.datamodule import CTRDataModule
 from ctrl.data.sources import DataError
+from ctrl.pipeline import run
+from tabular2text.schema import FeatureSpec
 
 
 def prepare(*, data_dir: str, download: bool = False, history_length: int = 10, template: str = "natural",
@@ -43,23 +49,42 @@ def prepare(*, data_dir: str, download: bool = False, history_length: int = 10, 
 class CTRLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The model gets vocabularies and field kinds from the prepared data, never from repeated YAML.
-        parser.link_arguments("data.feature_spec", "model.init_args.feature_spec", apply_on="instantiate")
+        # Linked as a plain dict: jsonargparse cannot link into dataclass-typed parameters, and a dict is
+        # saved with the checkpoint's hyper-parameters, so a checkpoint knows the data it was trained on.
+        parser.link_arguments("data.feature_spec", "model.init_args.feature_spec", compute_fn=FeatureSpec.to_dict,
+                              apply_on="instantiate")
 
 
-DATA_COMMANDS = {"prepare": prepare}
+def lightning_cli(args: list[str] | None, run: bool = True) -> CTRLCLI:
+    """The Lightning CLI of both stages (the model's class_path picks the stage)."""
+    return CTRLCLI(datamodule_class=CTRDataModule, subclass_mode_model=True, args=args, run=run,
+                   save_config_kwargs={"overwrite": True})
+
+
+COMMANDS = {"prepare": prepare, "run": run}
 
 
 def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else args
+    argv = sys.argv[1:] if args is None else args
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
     try:
-        if args and args[0] in DATA_COMMANDS:
-            CLI(DATA_COMMANDS, args=args)
+        if argv and argv[0] in COMMANDS:
+            CLI(COMMANDS, args=argv)
         else:
-            CTRLCLI(datamodule_class=CTRDataModule, subclass_mode_model=True, args=args,
-                    save_config_kwargs={"overwrite": True})
+            lightning_cli(args)
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        finish_wandb()
+
+
+def finish_wandb() -> None:
+    """Close the command's W&B run, so its files are complete when `main` returns (not only at exit)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 if __name__ == "__main__":

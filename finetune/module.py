@@ -1,12 +1,15 @@
-"""Stage 2: supervised fine-tuning of the collaborative tower (plain CTR training).
+"""Stage 2: supervised fine-tuning of the collaborative tower alone (or, without `init_from`, the plain
+from-scratch CTR baseline: the two differ only in how the tower starts).
 
-Run through Lightning, e.g. `pl.Trainer().fit(CTRModule(spec, DeepFM), datamodule=...)`; see
-`benchmarks/backbones_ml100k.py`.
+    ctrl fit --config configs/ml100k/finetune_dcn.yaml --model.init_args.init_from runs/.../align.ckpt
+
+The language model is never loaded here: a stage-1 checkpoint contributes only its `tower.` weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -15,37 +18,90 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from tabular2text.schema import FeatureSpec
-from towers.collaborative import Batch, CollaborativeTower, CTRModel
+from tabular2text.schema import OOV, FeatureSpec
+from towers.collaborative import CollaborativeTower, CTRModel
 
-EVAL_SPLITS = ("val", "test")
+Batch = dict[str, torch.Tensor]
+# test_cold: test rows whose user or item never appears in train (their id is out-of-vocabulary).
+EVAL_SLICES = ("val", "test", "test_cold")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot serve the requested purpose; the message says why and what to pass."""
+
+
+def spec_mismatch(expected: FeatureSpec, found: dict) -> str | None:
+    """Describe the first field whose kind or vocabulary differs between two specs, or None."""
+    theirs = {f["name"]: f for f in found.get("fields", [])}
+    for f in expected.fields:
+        other = theirs.get(f.name)
+        if other is None:
+            return f"field {f.name!r} is missing from the checkpoint's data"
+        if (other["kind"], other["vocab_size"], other["max_len"]) != (f.kind, f.vocab_size, f.max_len):
+            return (f"field {f.name!r}: checkpoint has {other['kind']} with vocabulary {other['vocab_size']}, the data"
+                    f" has {f.kind} with vocabulary {f.vocab_size}")
+    return None
+
+
+def load_aligned_tower(path: str | Path, tower: CollaborativeTower, spec: FeatureSpec) -> None:
+    """Copy the collaborative tower of a stage-1 (alignment) checkpoint into `tower`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"init_from: {path} is not a readable checkpoint ({e})") from e
+    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
+    if any(k.startswith("model.head.") for k in state):
+        raise CheckpointError(f"init_from: {path} is a stage-2 (fine-tuned) checkpoint; init_from takes a stage-1"
+                              " alignment checkpoint (to evaluate a stage-2 checkpoint, pass it as --ckpt_path)")
+    tower_state = {k.removeprefix("tower."): v for k, v in state.items() if k.startswith("tower.")}
+    if not tower_state:
+        raise CheckpointError(f"init_from: {path} holds no collaborative tower (no 'tower.' weights); pass the"
+                              " checkpoint written by stage 1 (ctrl fit with an align_*.yaml config)")
+    saved_spec = ckpt.get("hyper_parameters", {}).get("feature_spec")
+    problem = spec_mismatch(spec, saved_spec) if isinstance(saved_spec, dict) else None
+    if problem:
+        raise CheckpointError(f"init_from: {path} was trained on other data: {problem}; run stage 1 on this data")
+    try:
+        tower.load_state_dict(tower_state)
+    except RuntimeError as e:
+        raise CheckpointError(f"init_from: {path} holds a different backbone or backbone settings than this"
+                              f" config ({str(e).splitlines()[0]}); use the same backbone in both stages") from e
 
 
 class CTRModule(pl.LightningModule):
     """Tower + fresh linear head trained with binary cross-entropy and Adam.
 
-    Logs `train/loss` and, per evaluation split, the epoch-level `{split}/auc` and `{split}/logloss`
-    (computed over all rows of the epoch, never averaged over batches).
+    Logs `train/loss` and, per evaluation slice (val, test, test_cold), the epoch-level `{slice}/auc` and
+    `{slice}/logloss`, computed over all rows of the epoch, never averaged over batches.
 
     Args:
-        feature_spec: the data's feature spec (linked from the data module).
+        feature_spec: the data's feature spec as a dict (linked from the data module by the CLI).
         backbone: builds the collaborative tower from the spec, e.g. a class from `towers.BACKBONES`.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        init_from: a stage-1 checkpoint whose collaborative tower initialises this one (CTRL); None
+            trains from scratch (the baseline). The output layer is always fresh.
     """
 
     def __init__(
         self,
-        feature_spec: FeatureSpec,
+        feature_spec: dict,
         backbone: Callable[[FeatureSpec], CollaborativeTower],
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "feature_spec"])
-        self.model = CTRModel(backbone(feature_spec))
-        self.auc = nn.ModuleDict({split: BinaryAUROC() for split in EVAL_SPLITS})
-        self.logloss = nn.ModuleDict({split: MeanMetric() for split in EVAL_SPLITS})
+        self.save_hyperparameters(ignore=["backbone"])
+        self.spec = FeatureSpec.from_dict(feature_spec)
+        self.model = CTRModel(backbone(self.spec))
+        if init_from:
+            load_aligned_tower(init_from, self.model.tower, self.spec)
+        self.auc = nn.ModuleDict({s: BinaryAUROC() for s in EVAL_SLICES})
+        self.logloss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SLICES})
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """B logits."""
@@ -56,19 +112,30 @@ class CTRModule(pl.LightningModule):
         self.log("train/loss", loss, batch_size=len(batch["label"]))
         return loss
 
-    def _evaluate(self, batch: Batch, split: str) -> None:
-        logits, labels = self(batch), batch["label"]
-        self.auc[split].update(torch.sigmoid(logits), labels.long())
-        self.logloss[split].update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+    def cold_rows(self, batch: Batch) -> torch.Tensor:
+        """B booleans: the row's user or item id was never seen in training."""
+        cold = torch.zeros_like(batch["label"], dtype=torch.bool)
+        for name in (self.spec.user_field, self.spec.item_field):
+            if name:
+                cold |= batch[name] == OOV
+        return cold
+
+    def _update(self, name: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.auc[name].update(torch.sigmoid(logits), labels.long())
+        self.logloss[name].update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
         # Passing the metric objects makes Lightning compute them once per epoch over all rows.
-        self.log(f"{split}/auc", self.auc[split], on_step=False, on_epoch=True)
-        self.log(f"{split}/logloss", self.logloss[split], on_step=False, on_epoch=True)
+        self.log(f"{name}/auc", self.auc[name], on_step=False, on_epoch=True)
+        self.log(f"{name}/logloss", self.logloss[name], on_step=False, on_epoch=True)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._update("val", self(batch), batch["label"])
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        logits, labels = self(batch), batch["label"]
+        self._update("test", logits, labels)
+        cold = self.cold_rows(batch)
+        if cold.any():
+            self._update("test_cold", logits[cold], labels[cold])
 
     def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """B click probabilities."""

@@ -12,7 +12,7 @@ from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC
 
-from finetune import CTRModule
+from finetune.module import CTRModule
 from towers import DIN, DeepFM
 
 
@@ -52,7 +52,7 @@ TINY_DEEPFM = partial(DeepFM, embed_dim=8, mlp_dims=(16,))
 @pytest.mark.parametrize("backbone", [TINY_DEEPFM, partial(DIN, embed_dim=8)], ids=["deepfm", "din"])
 def test_ctr_module_fast_dev_run(spec, backbone):
     torch.manual_seed(0)
-    module = CTRModule(spec, backbone)
+    module = CTRModule(spec.to_dict(), backbone)
     before = [p.detach().clone() for p in module.parameters()]
     data = loader(spec, [32, 32])
     fit = trainer(fast_dev_run=True)
@@ -71,7 +71,7 @@ def test_ctr_module_fast_dev_run(spec, backbone):
 def test_validation_metrics_are_epoch_level(spec):
     """AUC and logloss over all rows of the epoch, not means of per-batch values (batch sizes differ)."""
     torch.manual_seed(0)
-    module = CTRModule(spec, TINY_DEEPFM)
+    module = CTRModule(spec.to_dict(), TINY_DEEPFM)
     data = loader(spec, [40, 6, 10], seed=3)
     (results,) = trainer().validate(module, data, verbose=False)
 

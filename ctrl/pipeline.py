@@ -1,0 +1,105 @@
+"""The main job: stage 1 (alignment) -> stage 2 (fine-tuning) -> test -> export -> score the export.
+
+Each stage is the same LightningCLI run that `ctrl fit --config ...` performs; this module only chains
+them, passes the stage-1 checkpoint to stage 2 (`init_from`) and times the phases.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import binary_auroc
+
+from ctrl.data.prepare import labelled_splits
+from ctrl.data.sources import read_table
+from finetune.export import export_model, load_scorer
+
+
+@contextmanager
+def timed(phases: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+
+def best_checkpoint(trainer) -> str:
+    callback = trainer.checkpoint_callback
+    path = callback.best_model_path or callback.last_model_path
+    if not path:
+        raise RuntimeError("the run saved no checkpoint; keep a ModelCheckpoint callback in the config")
+    return path
+
+
+def run(*, finetune: str, align: str | None = None, data_dir: str | None = None, out: str = "runs/main",
+        max_epochs_align: int | None = None, max_epochs_finetune: int | None = None) -> dict[str, float]:
+    """Run CTRL end to end and print the exported model's test metrics.
+
+    Args:
+        finetune: stage-2 config (configs/ml100k/finetune_*.yaml).
+        align: stage-1 config (configs/ml100k/align_*.yaml); without it, the from-scratch baseline.
+        data_dir: overrides data.data_dir of both configs.
+        out: directory for checkpoints, W&B files and the export.
+        max_epochs_align: overrides trainer.max_epochs of stage 1.
+        max_epochs_finetune: overrides trainer.max_epochs of stage 2.
+    """
+    from ctrl.cli import lightning_cli  # imported here: ctrl.cli imports this module
+
+    out_dir = Path(out)
+    data = ["--data.data_dir", data_dir] if data_dir else []
+    phases: dict[str, float] = {}
+
+    def cli(config: str, stage: str, max_epochs: int | None, extra: list[str]):
+        # The configs log to W&B; its save_dir also holds the checkpoints, so both go under `out`.
+        args = ["--config", config, *data, *extra, "--trainer.default_root_dir", str(out_dir / stage),
+                "--trainer.logger.init_args.save_dir", str(out_dir / stage)]
+        args += ["--trainer.max_epochs", str(max_epochs)] if max_epochs else []
+        with timed(phases, "prepare"):
+            return lightning_cli(args, run=False)
+
+    init = []
+    if align:
+        stage1 = cli(align, "align", max_epochs_align, [])
+        with timed(phases, "stage 1 (incl. text encoding)"):
+            stage1.trainer.fit(stage1.model, datamodule=stage1.datamodule)
+        init = ["--model.init_args.init_from", best_checkpoint(stage1.trainer)]
+    stage2 = cli(finetune, "finetune", max_epochs_finetune, init)
+    with timed(phases, "stage 2"):
+        stage2.trainer.fit(stage2.model, datamodule=stage2.datamodule)
+    with timed(phases, "test"):
+        (metrics,) = stage2.trainer.test(stage2.model, datamodule=stage2.datamodule, ckpt_path="best")
+    with timed(phases, "export"):
+        export_dir = export_model(stage2.model.model, stage2.datamodule.feature_spec, out_dir / "export")
+    with timed(phases, "score export"):
+        # A fresh load of the export scores the raw test rows, as a serving system would.
+        test_rows = labelled_splits(read_table(Path(stage2.datamodule.hparams.data_dir)))["test"]
+        probs = torch.as_tensor(load_scorer(export_dir)(test_rows))
+        labels = torch.tensor(test_rows["label"].to_numpy(), dtype=torch.float32)
+        exported = {"auc": float(binary_auroc(probs, labels.long())),
+                    "logloss": float(F.binary_cross_entropy(probs.double(), labels.double()))}
+    log_export_artifact(stage2.trainer, export_dir)
+
+    print(f"\nexported model: {export_dir}")
+    print(f"test AUC {exported['auc']:.4f}  logloss {exported['logloss']:.4f}  (exported model, "
+          f"{len(test_rows)} raw test rows)")
+    print(f"trainer test: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}")
+    print("\nwall time per phase:")
+    for name, seconds in phases.items():
+        print(f"  {name:<32} {seconds:8.1f} s")
+    return {"test/auc": exported["auc"], "test/logloss": exported["logloss"], **metrics}
+
+
+def log_export_artifact(trainer, export_dir: Path) -> None:
+    """Attach the exported model to the W&B run, when the run logs to W&B."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            artifact = wandb.Artifact(name=f"ctrl-model-{logger.experiment.id}", type="model")
+            artifact.add_dir(str(export_dir))
+            logger.experiment.log_artifact(artifact)

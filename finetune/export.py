@@ -1,0 +1,148 @@
+"""Export the fine-tuned collaborative model for serving, and load it back as a scorer of raw rows.
+
+An export directory holds:
+    weights.safetensors   the CTR model's weights (no pickle)
+    model.json            backbone name + init args (rebuilds the model), file checksums
+    feature_spec.json     fields and vocabularies: raw values -> ids, exactly as in training
+    model.pt2             the same model as a `torch.export` program (for runtimes without this package)
+
+Loading needs torch, pandas and this package only: no Lightning, no transformers, no language model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctrl.data.encode import encode_column, frame_to_tensors
+from tabular2text.schema import FeatureSpec
+from tabular2text.templates import format_value, is_missing
+from towers.collaborative import BACKBONES, CTRModel
+
+EXPORT_FORMAT = "ctrl-rec/collaborative-model"
+EXPORT_VERSION = 1
+FILES = ("weights.safetensors", "feature_spec.json", "model.pt2")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_model(model: CTRModel, spec: FeatureSpec, out_dir: str | Path) -> Path:
+    """Write `model` and `spec` to `out_dir`; the directory appears complete or not at all."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model = model.eval()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "weights.safetensors")
+        spec.save(tmp / "feature_spec.json")
+        example = frame_to_tensors(encode_rows(pd.DataFrame(index=range(2)), spec), spec)
+        batch = torch.export.Dim("batch")
+        shapes = {"batch": {k: {0: batch} for k in example}}
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=shapes, strict=False),
+                          tmp / "model.pt2")
+        name, init_args = model.tower.config
+        meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "backbone": name, "init_args": init_args,
+                "sha256": {f: sha256(tmp / f) for f in FILES}}
+        (tmp / "model.json").write_text(json.dumps(meta, indent=1))
+        if out.exists():  # replace an older export only once the new one is complete
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_model(export_dir: str | Path) -> tuple[CTRModel, FeatureSpec]:
+    """Rebuild the CTR model from an export directory, checking every file first."""
+    d = Path(export_dir)
+    meta_path = d / "model.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{d} is not a ctrl-rec export: {meta_path.name} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path}: unreadable ({e}); export the model again") from e
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{meta_path}: not a ctrl-rec collaborative-model export")
+    for name, digest in meta["sha256"].items():
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d / name} is missing: the export is incomplete; export the model again")
+        if sha256(d / name) != digest:
+            raise ValueError(f"{d / name} does not match its checksum in model.json (truncated or modified);"
+                             " export the model again")
+    if meta["backbone"] not in BACKBONES:
+        raise ValueError(f"{meta_path}: unknown backbone {meta['backbone']!r}; known: {', '.join(BACKBONES)}")
+    spec = FeatureSpec.load(d / "feature_spec.json")
+    model = CTRModel(BACKBONES[meta["backbone"]](spec, **meta["init_args"]))
+    model.load_state_dict(load_file(d / "weights.safetensors"))
+    return model.eval(), spec
+
+
+def as_list(value: object, separator: str) -> list:
+    if isinstance(value, str):
+        return [v for v in value.split(separator) if v]
+    if isinstance(value, list | tuple | np.ndarray):
+        return list(value)
+    return []
+
+
+def encode_rows(rows: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
+    """Raw feature rows (values as in the source data) -> encoded columns.
+
+    Unseen categories map to the out-of-vocabulary id; a missing column or value counts as missing
+    (padding id, or the train mean for numbers); extra columns are ignored. List fields take Python
+    lists or strings joined by the field's separator ("Comedy|Drama").
+    """
+    encoded = {}
+    for f in spec.fields:
+        values = rows[f.name] if f.name in rows else pd.Series([None] * len(rows), index=rows.index, dtype=object)
+        if f.is_list:
+            values = values.map(lambda v, sep=f.separator: [format_value(x) for x in as_list(v, sep)])
+        elif f.kind == "categorical":
+            values = values.map(lambda v: None if is_missing(v) else format_value(v))
+        else:
+            values = pd.to_numeric(values, errors="coerce")
+        encoded[f.name] = encode_column(values, f, spec)
+    return pd.DataFrame(encoded, index=rows.index)
+
+
+class Scorer:
+    """Click probabilities for raw feature rows, from an exported model.
+
+    Args:
+        model: the CTR model (eval mode).
+        spec: its feature spec.
+        batch_size: rows scored per forward pass.
+    """
+
+    def __init__(self, model: CTRModel, spec: FeatureSpec, batch_size: int = 4096) -> None:
+        self.model, self.spec, self.batch_size = model.eval(), spec, batch_size
+
+    def __call__(self, rows: pd.DataFrame) -> np.ndarray:
+        tensors = frame_to_tensors(encode_rows(rows.reset_index(drop=True), self.spec), self.spec)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(rows), self.batch_size):
+                batch = {k: v[start:start + self.batch_size] for k, v in tensors.items()}
+                out.append(torch.sigmoid(self.model(batch)))
+        return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def load_scorer(export_dir: str | Path, batch_size: int = 4096) -> Scorer:
+    return Scorer(*load_model(export_dir), batch_size=batch_size)
