@@ -1,4 +1,7 @@
-"""The towers: the collaborative (CTR) tower, its backbones and shared parts."""
+"""The towers: the collaborative (CTR) tower, its backbones and shared parts.
+
+The language tower (`towers.language.LanguageTower`) and its cache (`towers.text_cache`) are not imported
+here: serving an exported collaborative model must not load transformers."""
 
 from towers.collaborative import (
     BACKBONES,

@@ -1,0 +1,180 @@
+"""Stage 1: align the collaborative tower with a language tower by contrastive learning (CTRL).
+
+Each row is seen twice, as features (collaborative tower) and as its (user sentence, item sentence) text
+(language tower). Both are projected into one shared space (coarse: cosine InfoNCE) and mapped into M
+sub-spaces (fine: max-sim InfoNCE); the losses are in `ctrl/losses.py`. Only the collaborative tower goes
+on to stage 2: it sits under the `tower.` prefix of the checkpoint's state dict.
+
+Run through Lightning with a data module that serves `batch["row"]` and `texts(split)`, e.g.
+`pl.Trainer(max_epochs=5).fit(AlignmentModule(dm.feature_spec.to_dict(), towers.AutoInt), datamodule=dm)`,
+or `ctrl fit --model ctrl.module.AlignmentModule --model.backbone towers.AutoInt --data.data_dir DIR`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from transformers import AutoConfig
+
+from ctrl.data.prepare import default_cache_dir
+from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
+from tabular2text.schema import FeatureSpec
+from towers.collaborative import CollaborativeTower
+from towers.language import LanguageTower, Pooling, resolve_model
+from towers.text_cache import cached_text_embeddings
+
+Batch = dict[str, Tensor]
+WARMUP_START_LR = 1e-5  # the paper warms the learning rate up from here
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",)}  # the texts each Trainer stage reads
+
+
+class AlignmentModule(pl.LightningModule):
+    """Collaborative tower + language tower, each with a linear projection into a shared space and M linear
+    sub-space maps of that projection, trained with coarse_weight * coarse + fine_weight * fine.
+
+    A frozen language tower (trainable_layers=0) is only run once, before training: its pooled vectors of
+    the train and val texts are cached on disk and held in memory as plain tensors, not buffers, so neither
+    the language model nor its vectors are in the checkpoint, and DDP does not broadcast the (N x H) tables
+    before every forward pass as it does buffers. A trainable one reads the batch's texts at every step.
+
+    Logs `train/{loss,coarse,fine}` and, over each validation epoch, `val/{loss,coarse,fine}` and
+    `val/retrieval_top1`: how often a text's highest-scoring row in the batch is its own row, scored by the
+    trained similarity coarse_weight * cosine + fine_weight * max-sim.
+
+    Args:
+        feature_spec: the data's feature spec as a dict (linked from the data module by the CLI); saved with
+            the hyper-parameters, so stage 2 can check that its data matches.
+        backbone: builds the collaborative tower from the spec, e.g. a class from `towers.BACKBONES`.
+        language_model: "default" (all-MiniLM-L6-v2), a local model folder or a cached hub name.
+        pooling: how the language tower pools token states: "mean" (the paper's), "cls" or "last".
+        trainable_layers: top language blocks that train; 0 freezes the tower, "all" trains all of it.
+        max_length: tokens per text.
+        text_cache_dir: where a frozen tower's vectors are cached (default: the data cache's text-vectors).
+        proj_dim: width of the shared space.
+        num_subspaces: M, sub-spaces per side for the fine-grained loss.
+        subspace_dim: width of each sub-space.
+        temperature: tau of both InfoNCE losses.
+        coarse_weight: weight of the coarse (cosine) loss in the total.
+        fine_weight: weight of the fine (max-sim) loss in the total.
+        lr: AdamW learning rate after warm-up.
+        weight_decay: AdamW weight decay.
+        warmup_steps: optimizer steps of the linear warm-up from 1e-5 to lr.
+    """
+
+    def __init__(
+        self,
+        feature_spec: dict,
+        backbone: Callable[[FeatureSpec], CollaborativeTower],
+        language_model: str = "default",
+        pooling: Pooling = "mean",
+        trainable_layers: int | Literal["all"] = 0,
+        max_length: int = 128,
+        text_cache_dir: str | None = None,
+        proj_dim: int = 128,
+        num_subspaces: int = 4,
+        subspace_dim: int = 32,
+        temperature: float = 0.7,
+        coarse_weight: float = 1.0,
+        fine_weight: float = 1.0,
+        lr: float = 5e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.tower = backbone(FeatureSpec.from_dict(feature_spec))
+        if trainable_layers == 0:
+            # Built only in prepare_data/setup to fill the cache; its width is all the projection needs now.
+            self.language = None
+            text_dim = AutoConfig.from_pretrained(resolve_model(language_model), local_files_only=True).hidden_size
+        else:
+            # train(): from_pretrained returns eval mode, which Lightning keeps, and dropout would stay off.
+            self.language = LanguageTower(language_model, pooling, trainable_layers, max_length).train()
+            text_dim = self.language.output_dim
+        self.tab_proj = nn.Linear(self.tower.output_dim, proj_dim)
+        self.text_proj = nn.Linear(text_dim, proj_dim)
+        self.tab_subspaces = nn.Linear(proj_dim, num_subspaces * subspace_dim)  # M maps W_m h + b_m at once
+        self.text_subspaces = nn.Linear(proj_dim, num_subspaces * subspace_dim)
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "coarse", "fine", "retrieval_top1")})
+        self.texts: dict[str, tuple[list[str], list[str]]] = {}  # trainable language tower: split -> texts
+        self.frozen_text_vectors: dict[str, Tensor] = {}  # frozen language tower: split -> N x H, on the CPU
+
+    # --- text side ---------------------------------------------------------------------------------------
+    def _cached_text_vectors(self, splits: tuple[str, ...]) -> dict[str, Tensor]:
+        """N x H pooled vectors per split from the on-disk cache (encoded on the first call)."""
+        hp = self.hparams
+        tower = LanguageTower(hp.language_model, hp.pooling, 0, hp.max_length)
+        cache_dir = hp.text_cache_dir or default_cache_dir() / "text-vectors"
+        datamodule = self.trainer.datamodule
+        return {split: cached_text_embeddings(tower, *datamodule.texts(split), cache_dir) for split in splits}
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node before setup(): the texts are encoded once, not once per rank.
+        if self.language is None:
+            self._cached_text_vectors(STAGE_SPLITS.get(self.trainer.state.fn, ()))
+
+    def setup(self, stage: str) -> None:
+        splits = STAGE_SPLITS.get(stage, ())
+        if self.language is None:
+            self.frozen_text_vectors = self._cached_text_vectors(splits)
+        else:
+            self.texts = {split: self.trainer.datamodule.texts(split) for split in splits}
+
+    def text_vectors(self, rows: Tensor, split: str) -> Tensor:
+        """B x H pooled language-tower vectors of the rows `batch["row"]` of `split`."""
+        if self.language is None:
+            return self.frozen_text_vectors[split][rows.cpu()].to(self.device)
+        first, second = self.texts[split]
+        index = rows.tolist()
+        tokens = self.language.tokenize([first[i] for i in index], [second[i] for i in index])
+        return self.language(**tokens.to(self.device))
+
+    # --- alignment ---------------------------------------------------------------------------------------
+    def embed(self, batch: Batch, split: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Shared-space vectors (B x proj_dim) and sub-space vectors (B x M x subspace_dim), table then text."""
+        hp = self.hparams
+        tab = self.tab_proj(self.tower(batch))
+        text = self.text_proj(self.text_vectors(batch["row"], split))
+        sub_tab = self.tab_subspaces(tab).view(len(tab), hp.num_subspaces, hp.subspace_dim)
+        sub_text = self.text_subspaces(text).view(len(text), hp.num_subspaces, hp.subspace_dim)
+        return tab, text, sub_tab, sub_text
+
+    def losses(self, tab: Tensor, text: Tensor, sub_tab: Tensor, sub_text: Tensor) -> dict[str, Tensor]:
+        """Total, coarse and fine loss of this rank's rows (negatives from every rank's rows)."""
+        hp = self.hparams
+        coarse = coarse_loss(tab, text, hp.temperature)
+        fine = fine_loss(sub_tab, sub_text, hp.temperature)
+        return {"loss": hp.coarse_weight * coarse + hp.fine_weight * fine, "coarse": coarse, "fine": fine}
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        losses = self.losses(*self.embed(batch, "train"))
+        # sync_dist: each rank's loss covers its own rows only; their mean is the global batch's loss.
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch["row"]), sync_dist=True)
+        return losses["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        tab, text, sub_tab, sub_text = self.embed(batch, "val")
+        for name, value in self.losses(tab, text, sub_tab, sub_text).items():
+            self.val_metrics[name].update(value, weight=len(tab))
+        all_tab, offset = gather_rows(tab)
+        all_sub_tab, _ = gather_rows(sub_tab)
+        score = (self.hparams.coarse_weight * cosine_sim(text, all_tab)
+                 + self.hparams.fine_weight * max_sim(sub_text, all_sub_tab))  # B x N, text -> rows
+        own_row = torch.arange(len(text), device=self.device) + offset
+        self.val_metrics["retrieval_top1"].update((score.argmax(1) == own_row).float())
+        for name, metric in self.val_metrics.items():
+            self.log(f"val/{name}", metric, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=hp.lr,
+                                      weight_decay=hp.weight_decay)
+        # Linear warm-up, then constant. Without warm-up steps (or with lr below the start) it starts at lr.
+        start = min(1.0, WARMUP_START_LR / hp.lr) if hp.warmup_steps else 1.0
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=start, total_iters=hp.warmup_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

@@ -1,0 +1,165 @@
+"""Stage 1 through Lightning: fast_dev_run (frozen and trainable language tower), the checkpoint stage 2 loads,
+warm-up, a short fit that aligns, and 2-process DDP (gloo) equal to one process on the same global batch."""
+
+import copy
+import shutil
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import synthetic_batch, synthetic_spec
+from torch.utils.data import DataLoader
+from transformers import BertConfig, BertModel
+
+from ctrl.data.datamodule import TensorDictDataset, keep_batch
+from ctrl.module import AlignmentModule
+from finetune.module import load_aligned_tower
+from towers import DeepFM
+from towers.language import default_model_dir
+
+# No dropout or BatchNorm: they would make one process differ from two (BatchNorm sees each rank's half).
+TOWER = partial(DeepFM, embed_dim=8, mlp_dims=(16,), dropout=0.0, batch_norm=False)
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A random 2-block BERT of width 16 with the real all-MiniLM-L6-v2 tokenizer, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    for name in TOKENIZER_FILES:
+        shutil.copy(default_model_dir() / name, folder / name)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+class TextData(pl.LightningDataModule):
+    """Synthetic rows plus their texts; val serves the same rows (enough to exercise stage 1)."""
+
+    def __init__(self, rows: int = 16, batch_size: int = 8) -> None:
+        super().__init__()
+        self.feature_spec = synthetic_spec()
+        self.rows = synthetic_batch(self.feature_spec, rows, seed=0)
+        self.batch_size = batch_size
+
+    def texts(self, split: str) -> tuple[list[str], list[str]]:
+        r = self.rows
+        users = [f"this is a user, gender is {g}, age is {a:.1f}, who has recently watched {'|'.join(map(str, h))}"
+                 for g, a, h in zip(r["gender"].tolist(), r["age"].tolist(), r["history"].tolist(), strict=True)]
+        items = [f"this is a movie, title is {t}, genre is {'|'.join(map(str, gs))}."
+                 for t, gs in zip(r["title"].tolist(), r["genres"].tolist(), strict=True)]
+        return users, items
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(TensorDictDataset(self.rows), batch_size=self.batch_size, collate_fn=keep_batch)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()
+
+
+def make_module(bert_dir, cache_dir, cls=AlignmentModule, **overrides) -> AlignmentModule:
+    torch.manual_seed(0)
+    options = {"language_model": bert_dir, "text_cache_dir": str(cache_dir), "proj_dim": 16, "num_subspaces": 3,
+               "subspace_dim": 4, "warmup_steps": 2, **overrides}
+    return cls(synthetic_spec().to_dict(), TOWER, **options)
+
+
+def trainer(**options) -> pl.Trainer:
+    defaults = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                "enable_progress_bar": False, "enable_model_summary": False}
+    return pl.Trainer(**{**defaults, **options})
+
+
+def test_fast_dev_run_frozen_language_tower_logs_losses_and_retrieval(bert_dir, tmp_path):
+    module = make_module(bert_dir, tmp_path / "cache")
+    run = trainer(fast_dev_run=2)
+    run.fit(module, datamodule=TextData())
+    metrics = run.callback_metrics
+    for name in ("train/loss", "train/coarse", "train/fine", "val/loss", "val/coarse", "val/fine"):
+        assert torch.isfinite(metrics[name]), name
+    torch.testing.assert_close(metrics["train/loss"], metrics["train/coarse"] + metrics["train/fine"])
+    assert 0.0 <= metrics["val/retrieval_top1"] <= 1.0
+    # encoded once (prepare_data), read back in setup; train and val hold the same texts here: one file
+    assert module.language is None and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert module.frozen_text_vectors["train"].shape == (16, 16)
+
+
+def test_trainable_top_layer_trains_only_that_layer(bert_dir, tmp_path):
+    module = make_module(bert_dir, tmp_path / "cache", trainable_layers=1, lr=1e-2, warmup_steps=0)
+    blocks = module.language.transformer_blocks()
+    bottom, top = copy.deepcopy(blocks[0].state_dict()), copy.deepcopy(blocks[1].state_dict())
+    trainer(fast_dev_run=1).fit(module, datamodule=TextData())
+    assert all(torch.equal(v, blocks[0].state_dict()[k]) for k, v in bottom.items())
+    assert any(not torch.equal(v, blocks[1].state_dict()[k]) for k, v in top.items())
+    assert not (tmp_path / "cache").exists()  # nothing cached for a trainable tower
+
+
+def test_checkpoint_holds_tower_for_stage_2_and_maps_but_no_language_model(bert_dir, tmp_path):
+    module = make_module(bert_dir, tmp_path / "cache")
+    run = trainer(max_steps=1, limit_val_batches=0)
+    run.fit(module, datamodule=TextData())
+    run.save_checkpoint(tmp_path / "align.ckpt")
+    checkpoint = torch.load(tmp_path / "align.ckpt", weights_only=True)
+    state = checkpoint["state_dict"]
+    assert {k.split(".")[0] for k in state} == {"tower", "tab_proj", "text_proj", "tab_subspaces", "text_subspaces"}
+    hparams = checkpoint["hyper_parameters"]
+    assert hparams["temperature"] == 0.7 and "backbone" not in hparams
+    assert hparams["feature_spec"] == synthetic_spec().to_dict()
+    tower = TOWER(synthetic_spec())
+    load_aligned_tower(tmp_path / "align.ckpt", tower, synthetic_spec())  # what stage 2's init_from does
+    torch.testing.assert_close(tower.state_dict(), module.tower.state_dict())
+
+
+def test_learning_rate_warms_up_linearly_from_1e_5(bert_dir, tmp_path):
+    module = make_module(bert_dir, tmp_path / "cache", lr=1e-3, warmup_steps=4)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [1e-5 + (1e-3 - 1e-5) * min(step, 4) / 4 for step in range(6)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_a_short_fit_aligns_rows_with_their_texts(bert_dir, tmp_path):
+    """32 rows, one full batch per step: in-batch text -> row retrieval goes from chance to most rows."""
+    data = TextData(rows=32, batch_size=32)
+    module = make_module(bert_dir, tmp_path / "cache", lr=1e-2, warmup_steps=0)
+    # inference_mode off: metric states reset under inference mode cannot be updated by fit's validation
+    (before,) = trainer(inference_mode=False).validate(module, datamodule=data, verbose=False)
+    run = trainer(max_epochs=100, check_val_every_n_epoch=100)
+    run.fit(module, datamodule=data)
+    assert before["val/retrieval_top1"] < 0.3
+    assert run.callback_metrics["val/retrieval_top1"] > 0.8
+
+
+class OneGradientStep(AlignmentModule):
+    """Plain SGD with lr 1: the weights after one step are the initial weights minus the gradient."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def test_ddp_two_processes_equal_one_process_on_the_global_batch(bert_dir, tmp_path):
+    """Two gloo processes with 8 rows each (negatives gathered across them) give the same loss and the same
+    gradient step as one process with all 16 rows."""
+    initial = make_module(bert_dir, tmp_path / "cache", cls=OneGradientStep)
+    results = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        module = copy.deepcopy(initial)
+        run = trainer(devices=devices, strategy=strategy, max_steps=1, limit_val_batches=0)
+        run.fit(module, datamodule=TextData(rows=16, batch_size=16 // devices))
+        results[devices] = (run.callback_metrics["train/loss"], module.state_dict())
+    (loss_one, weights_one), (loss_two, weights_two) = results[1], results[2]
+    assert loss_two.item() == pytest.approx(loss_one.item(), abs=1e-6)
+    assert not torch.equal(weights_one["tab_proj.weight"], initial.state_dict()["tab_proj.weight"])
+    torch.testing.assert_close(weights_two, weights_one, rtol=0, atol=1e-6)
