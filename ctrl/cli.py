@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 import sys
 
+import yaml
 from jsonargparse import CLI
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from ctrl.data.datamodule import CTRDataModule
 from ctrl.data.sources import DataError
-from ctrl.pipeline import run
+from ctrl.pipeline import finish_wandb, run
 from tabular2text.schema import FeatureSpec
 
 
@@ -46,6 +47,16 @@ def prepare(*, data_dir: str, download: bool = False, history_length: int = 10, 
         print(f"\n{text}")
 
 
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Besides config.yaml in the log directory, send the full resolved config to the run's loggers (W&B)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if trainer.loggers:
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": config})
+
+
 class CTRLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The model gets vocabularies and field kinds from the prepared data, never from repeated YAML.
@@ -58,7 +69,7 @@ class CTRLCLI(LightningCLI):
 def lightning_cli(args: list[str] | None, run: bool = True) -> CTRLCLI:
     """The Lightning CLI of both stages (the model's class_path picks the stage)."""
     return CTRLCLI(datamodule_class=CTRDataModule, subclass_mode_model=True, args=args, run=run,
-                   save_config_kwargs={"overwrite": True})
+                   save_config_callback=LoggerSaveConfigCallback, save_config_kwargs={"overwrite": True})
 
 
 COMMANDS = {"prepare": prepare, "run": run}
@@ -78,13 +89,6 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     finally:
         finish_wandb()
-
-
-def finish_wandb() -> None:
-    """Close the command's W&B run, so its files are complete when `main` returns (not only at exit)."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()
 
 
 if __name__ == "__main__":

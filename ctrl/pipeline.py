@@ -6,6 +6,7 @@ them, passes the stage-1 checkpoint to stage 2 (`init_from`) and times the phase
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,13 @@ def timed(phases: dict[str, float], name: str):
     start = time.perf_counter()
     yield
     phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+
+def finish_wandb() -> None:
+    """Close the open W&B run, so its files are complete and the next stage starts a run of its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def best_checkpoint(trainer) -> str:
@@ -65,6 +73,7 @@ def run(*, finetune: str, align: str | None = None, data_dir: str | None = None,
         stage1 = cli(align, "align", max_epochs_align, [])
         with timed(phases, "stage 1 (incl. text encoding)"):
             stage1.trainer.fit(stage1.model, datamodule=stage1.datamodule)
+        finish_wandb()
         init = ["--model.init_args.init_from", best_checkpoint(stage1.trainer)]
     stage2 = cli(finetune, "finetune", max_epochs_finetune, init)
     with timed(phases, "stage 2"):

@@ -1,9 +1,14 @@
 """Shared fixtures: a small synthetic feature spec and batches that follow the batch convention."""
 
+import shutil
+
 import pytest
 import torch
 
 from tabular2text.schema import FeatureSpec, Field
+from towers.language import default_model_dir
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def synthetic_spec() -> FeatureSpec:
@@ -49,3 +54,18 @@ def spec() -> FeatureSpec:
 @pytest.fixture
 def batch(spec) -> dict[str, torch.Tensor]:
     return synthetic_batch(spec)
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    """A random 2-block BERT of width 16 with the real all-MiniLM-L6-v2 tokenizer, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    for name in TOKENIZER_FILES:
+        shutil.copy(default_model_dir() / name, folder / name)
+    from transformers import BertConfig, BertModel  # only the tests that build a language tower pay for it
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    return str(folder)

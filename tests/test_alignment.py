@@ -2,7 +2,6 @@
 warm-up, a short fit that aligns, and 2-process DDP (gloo) equal to one process on the same global batch."""
 
 import copy
-import shutil
 from functools import partial
 
 import pytest
@@ -10,30 +9,14 @@ import pytorch_lightning as pl
 import torch
 from conftest import synthetic_batch, synthetic_spec
 from torch.utils.data import DataLoader
-from transformers import BertConfig, BertModel
 
 from ctrl.data.datamodule import TensorDictDataset, keep_batch
 from ctrl.module import AlignmentModule
 from finetune.module import load_aligned_tower
 from towers import DeepFM
-from towers.language import default_model_dir
 
 # No dropout or BatchNorm: they would make one process differ from two (BatchNorm sees each rank's half).
 TOWER = partial(DeepFM, embed_dim=8, mlp_dims=(16,), dropout=0.0, batch_norm=False)
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    """A random 2-block BERT of width 16 with the real all-MiniLM-L6-v2 tokenizer, saved as a model folder."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    for name in TOKENIZER_FILES:
-        shutil.copy(default_model_dir() / name, folder / name)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    return str(folder)
 
 
 class TextData(pl.LightningDataModule):

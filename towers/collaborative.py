@@ -161,6 +161,8 @@ class DCN(CollaborativeTower):
         batch_norm: MLP BatchNorm.
     """
 
+    cross_network: type[nn.Module] = CrossNetwork
+
     def __init__(
         self,
         spec: FeatureSpec,
@@ -173,7 +175,7 @@ class DCN(CollaborativeTower):
     ) -> None:
         super().__init__(spec, embed_dim)
         flat_dim = self.embedding.num_fields * embed_dim
-        self.cross = CrossNetwork(flat_dim, num_cross_layers)
+        self.cross = self.cross_network(flat_dim, num_cross_layers)
         self.deep = MLP(flat_dim, mlp_dims, dropout, batch_norm)
         self.output_dim = flat_dim + self.deep.output_dim
 
@@ -182,39 +184,13 @@ class DCN(CollaborativeTower):
         return torch.cat([self.cross(flat), self.deep(flat)], dim=1)
 
 
-class DCNv2(CollaborativeTower):
-    """DCN-V2 (Wang et al. 2021), parallel structure, full-rank cross layers.
+class DCNv2(DCN):
+    """DCN-V2 (Wang et al. 2021), parallel structure, full-rank cross layers; otherwise as DCN.
 
-    Representation: [cross output (F*E), MLP output].
-
-    Args:
-        spec: the feature spec.
-        embed_dim: E.
-        num_cross_layers: cross layers.
-        mlp_dims: hidden sizes of the deep MLP, parallel to the cross network.
-        dropout: MLP dropout.
-        batch_norm: MLP BatchNorm.
+    Representation: [cross output (F*E), MLP output]. Arguments as DCN.
     """
 
-    def __init__(
-        self,
-        spec: FeatureSpec,
-        *,
-        embed_dim: int = 32,
-        num_cross_layers: int = 3,
-        mlp_dims: Sequence[int] = (256, 128, 64),
-        dropout: float = 0.1,
-        batch_norm: bool = True,
-    ) -> None:
-        super().__init__(spec, embed_dim)
-        flat_dim = self.embedding.num_fields * embed_dim
-        self.cross = CrossNetworkV2(flat_dim, num_cross_layers)
-        self.deep = MLP(flat_dim, mlp_dims, dropout, batch_norm)
-        self.output_dim = flat_dim + self.deep.output_dim
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        flat = self.field_embeddings(batch).flatten(1)
-        return torch.cat([self.cross(flat), self.deep(flat)], dim=1)
+    cross_network = CrossNetworkV2
 
 
 class AutoInt(CollaborativeTower):

@@ -152,6 +152,16 @@ def split_frame(frame: pd.DataFrame, name: str) -> dict[str, pd.DataFrame]:
     return parts
 
 
+def labelled_splits(table: Table) -> dict[str, pd.DataFrame]:
+    """Raw rows with history and label, sorted by time and split 8:1:1 (the rows a scorer would see)."""
+    frame = sort_by_time(table.frame, table.timestamp)
+    if table.history is not None:
+        h = table.history
+        frame["history"] = build_history(frame, h.user, h.item, table.timestamp, h.length)
+    frame["label"] = make_labels(frame, table)
+    return split_frame(frame[frame["label"].notna()].reset_index(drop=True), table.name)
+
+
 def prepare(data: str | Path, cache_dir: str | Path | None = None, history_length: int = 10,
             template: str = "natural") -> Path:
     """Prepare `data` (a directory or a schema YAML) once; return the directory holding the result."""
@@ -163,13 +173,7 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
     if (out / "meta.json").is_file():
         return out
 
-    frame = sort_by_time(table.frame, table.timestamp)
-    if table.history is not None:
-        h = table.history
-        frame["history"] = build_history(frame, h.user, h.item, table.timestamp, h.length)
-    frame["label"] = make_labels(frame, table)
-    frame = frame[frame["label"].notna()].reset_index(drop=True)
-    parts = split_frame(frame, table.name)
+    parts = labelled_splits(table)
     spec = build_spec(table, parts["train"])
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,126 @@
+"""The main job end to end (stage 1 -> stage 2 -> test -> export) from the real configs, on a small
+MovieLens-1M-layout data set with a tiny BERT; the stage-1 -> stage-2 hand-over and its errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ctrl.cli import main
+from finetune.export import load_model
+from finetune.module import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs" / "ml100k").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["backbone"]["class_path"].startswith("towers.")
+    assert "feature_spec" not in printed["model"]["init_args"]  # linked from the data, never in YAML
+
+
+def write_small_ml1m(directory: Path, users: int = 40, movies: int = 30, seed: int = 0) -> Path:
+    """A MovieLens-1M-layout data set with a learnable signal: users like movies of their favourite genre."""
+    rng = np.random.default_rng(seed)
+    genres = ["Action", "Comedy", "Drama"]
+    directory.mkdir()
+    (directory / "users.dat").write_text("".join(
+        f"{u}::{'FM'[u % 2]}::{[18, 25, 35][u % 3]}::{u % 21}::{10000 + u}\n" for u in range(1, users + 1)))
+    (directory / "movies.dat").write_text("".join(
+        f"{m}::Movie number {m} ({1980 + m % 20})::{genres[m % 3]}\n" for m in range(1, movies + 1)))
+    lines, t = [], 978300000
+    for u in range(1, users + 1):
+        for m in rng.choice(np.arange(1, movies + 1), size=20, replace=False):
+            liked = (m % 3 == u % 3) ^ (rng.random() < 0.15)
+            lines.append(f"{u}::{m}::{5 if liked else 1}::{t + int(rng.integers(0, 10**6))}\n")
+    (directory / "ratings.dat").write_text("".join(lines))
+    return directory
+
+
+def small_config(source: Path, target: Path, **model_args) -> Path:
+    """The shipped config with small-data settings: the same structure a user runs."""
+    config = yaml.safe_load(source.read_text())
+    config["trainer"]["max_epochs"] = 2
+    config["data"].update(batch_size=64)
+    config["model"]["init_args"]["backbone"]["init_args"].update(embed_dim=8, mlp_dims=[32, 16])
+    config["model"]["init_args"].update(model_args)
+    target.write_text(yaml.safe_dump(config))
+    return target
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, bert_dir):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data = write_small_ml1m(tmp / "ml-1m")
+    align = small_config(ROOT / "configs/ml100k/align_dcn.yaml", tmp / "align.yaml", language_model=bert_dir,
+                         text_cache_dir=str(tmp / "text-vectors"), warmup_steps=2)
+    finetune = small_config(ROOT / "configs/ml100k/finetune_dcn.yaml", tmp / "finetune.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTRL_CACHE_DIR", str(tmp / "cache"))
+        main(["run", "--align", str(align), "--finetune", str(finetune), "--data_dir", str(data),
+              "--out", str(tmp / "out")])
+    return tmp
+
+
+def test_main_job_runs_both_stages_and_exports(small_run, capsys):
+    out = small_run / "out"
+    align_ckpt = next((out / "align").rglob("best.ckpt"))
+    finetune_ckpt = next((out / "finetune").rglob("best.ckpt"))
+    # Stage 2 started from the aligned tower: its saved hyper-parameters name the stage-1 checkpoint.
+    hparams = torch.load(finetune_ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hparams["init_from"] == str(align_ckpt)
+    model, spec = load_model(out / "export")
+    assert not any("language" in k or "text" in k for k in model.state_dict())  # only the CTR model ships
+    assert spec.item_noun == "movie"
+    # each stage has its own W&B run
+    assert len(list((out / "align").glob("wandb/offline-run-*"))) == 1
+    assert len(list((out / "finetune").glob("wandb/offline-run-*"))) == 1
+
+
+def test_init_from_changes_the_starting_tower(small_run):
+    from finetune.module import load_aligned_tower
+    from tabular2text.schema import FeatureSpec
+    from towers import DCN
+
+    align_ckpt = next((small_run / "out" / "align").rglob("best.ckpt"))
+    ckpt = torch.load(align_ckpt, map_location="cpu", weights_only=True)
+    spec = FeatureSpec.from_dict(ckpt["hyper_parameters"]["feature_spec"])
+    tower = DCN(spec, embed_dim=8, mlp_dims=[32, 16])
+    load_aligned_tower(align_ckpt, tower, spec)
+    for name, value in tower.state_dict().items():
+        torch.testing.assert_close(value, ckpt["state_dict"][f"tower.{name}"])
+
+
+def test_stage2_checkpoint_given_as_init_from_is_refused(small_run):
+    from finetune.module import load_aligned_tower
+    from tabular2text.schema import FeatureSpec
+    from towers import DCN
+
+    finetune_ckpt = next((small_run / "out" / "finetune").rglob("best.ckpt"))
+    spec = FeatureSpec.from_dict(torch.load(finetune_ckpt, weights_only=True)["hyper_parameters"]["feature_spec"])
+    with pytest.raises(CheckpointError, match="is a stage-2 .* takes a stage-1 alignment checkpoint"):
+        load_aligned_tower(finetune_ckpt, DCN(spec, embed_dim=8, mlp_dims=[32, 16]), spec)
+
+
+def test_init_from_other_data_or_backbone_is_refused(small_run):
+    from dataclasses import replace
+
+    from finetune.module import load_aligned_tower
+    from tabular2text.schema import FeatureSpec
+    from towers import DCN, DeepFM
+
+    align_ckpt = next((small_run / "out" / "align").rglob("best.ckpt"))
+    spec = FeatureSpec.from_dict(torch.load(align_ckpt, weights_only=True)["hyper_parameters"]["feature_spec"])
+    with pytest.raises(CheckpointError, match="different backbone"):
+        load_aligned_tower(align_ckpt, DeepFM(spec, embed_dim=8, mlp_dims=[32, 16]), spec)
+    bigger = spec.with_fields(tuple(replace(f, vocab_size=f.vocab_size + 5) if f.name == "user_id" else f
+                                    for f in spec.fields))
+    with pytest.raises(CheckpointError, match="other data: field 'user_id'"):
+        load_aligned_tower(align_ckpt, DCN(bigger, embed_dim=8, mlp_dims=[32, 16]), bigger)
