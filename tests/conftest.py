@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic feature spec and batches that follow the batch convention."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +70,29 @@ def bert_dir(tmp_path_factory):
                         intermediate_size=32, max_position_embeddings=128)
     BertModel(config).save_pretrained(folder)
     return str(folder)
+
+
+def wandb_records(run_file: Path):
+    """The protobuf records of an offline `.wandb` file: a ':W&B' header, then a leveldb-style log of
+    32 KiB blocks whose chunks carry a 7-byte header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:  # zero padding to the end of the block
+            pos += left - 7 - length
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record

@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from conftest import wandb_records
 
 from ctrl.cli import main
+from ctrl.data.encode import frame_to_tensors
 from ctrl.data.prepare import labelled_splits
 from ctrl.data.sources import read_table
-from finetune.export import load_scorer
+from finetune.export import encode_rows, load_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -44,8 +47,10 @@ def test_train_export_and_score_raw_rows_in_a_fresh_process(tmp_path, cache, cap
     text = capsys.readouterr().out
     assert "test AUC" in text and "wall time per phase" in text
 
-    # predictions of the best checkpoint through `ctrl predict`
+    # `ctrl test` and `ctrl predict` on the best checkpoint
     ckpt = next((out / "finetune").rglob("best*.ckpt"))
+    main(["test", *fit_args(out / "test", cache), "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
+    assert "test_cold/auc" in capsys.readouterr().out
     main(["predict", *fit_args(out / "predict", cache), "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
     predicted = pd.read_parquet(out / "predict" / "predictions.parquet")
     assert len(predicted) == 7286 and predicted.probability.between(0, 1).all()
@@ -54,7 +59,8 @@ def test_train_export_and_score_raw_rows_in_a_fresh_process(tmp_path, cache, cap
 import sys, numpy as np
 from ctrl.data.prepare import labelled_splits
 from ctrl.data.sources import read_table
-from finetune.export import load_scorer
+from ctrl.data.encode import frame_to_tensors
+from finetune.export import encode_rows, load_scorer
 rows = labelled_splits(read_table({str(ML100K)!r}))["test"].drop(columns=["label", "rating"])
 np.save({str(tmp_path / 'scores.npy')!r}, load_scorer({str(out / 'export')!r})(rows))
 assert "pytorch_lightning" not in sys.modules and "transformers" not in sys.modules, sorted(sys.modules)
@@ -71,37 +77,15 @@ def test_scorer_handles_unseen_missing_and_extra_columns(tmp_path, cache):
     scorer = load_scorer(out / "export")
     rows = labelled_splits(read_table(ML100K))["test"].head(4).copy()
     base = scorer(rows)
+    # the torch.export program in the export gives the same scores as the rebuilt model
+    program = torch.export.load(out / "export" / "model.pt2").module()
+    tensors = frame_to_tensors(encode_rows(rows.reset_index(drop=True), scorer.spec), scorer.spec)
+    np.testing.assert_allclose(torch.sigmoid(program(tensors)).detach().numpy(), base, atol=1e-6)
     rows["user_id"] = "a-user-never-seen"
     rows["genres"] = "Comedy|Drama"  # a joined string works like a list
     rows["extra"] = 1
     unseen = scorer(rows.drop(columns=["zip_code", "release_year"]))
     assert unseen.shape == base.shape and np.isfinite(unseen).all() and not np.allclose(unseen, base)
-
-
-def wandb_records(run_file: Path):
-    """The protobuf records of an offline `.wandb` file: a ':W&B' header, then a leveldb-style log of
-    32 KiB blocks whose chunks carry a 7-byte header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = run_file.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk = data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind == 0:  # zero padding to the end of the block
-            pos += left - 7 - length
-            continue
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            yield record
 
 
 def test_wandb_offline_run_holds_validation_auc(tmp_path, cache, monkeypatch):

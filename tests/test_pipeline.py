@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import wandb_records
 
 from ctrl.cli import main
 from finetune.export import load_model
@@ -79,9 +80,12 @@ def test_main_job_runs_both_stages_and_exports(small_run, capsys):
     model, spec = load_model(out / "export")
     assert not any("language" in k or "text" in k for k in model.state_dict())  # only the CTR model ships
     assert spec.item_noun == "movie"
-    # each stage has its own W&B run
+    # each stage has its own W&B run; the stage-2 run carries the exported model as an artifact
     assert len(list((out / "align").glob("wandb/offline-run-*"))) == 1
-    assert len(list((out / "finetune").glob("wandb/offline-run-*"))) == 1
+    (run_file,) = (out / "finetune").glob("wandb/offline-run-*/run-*.wandb")
+    artifacts = [r.artifact for r in wandb_records(run_file) if r.WhichOneof("record_type") == "artifact"]
+    assert [a.type for a in artifacts] == ["model"]
+    assert {f.path for f in artifacts[0].manifest.contents} >= {"weights.safetensors", "model.json", "model.pt2"}
 
 
 def test_init_from_changes_the_starting_tower(small_run):
