@@ -20,7 +20,9 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from ctrl.data.datamodule import CTRDataModule
 from ctrl.data.sources import DataError
+from ctrl.guards import NonFiniteLossError
 from ctrl.pipeline import finish_wandb, run
+from finetune.module import CheckpointError
 from tabular2text.schema import FeatureSpec
 
 
@@ -84,7 +86,7 @@ def main(args: list[str] | None = None) -> None:
             CLI(COMMANDS, args=argv)
         else:
             lightning_cli(args)
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, CheckpointError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:

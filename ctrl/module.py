@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoConfig
 
 from ctrl.data.prepare import default_cache_dir
+from ctrl.guards import require_finite
 from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
 from tabular2text.schema import FeatureSpec
 from towers.collaborative import CollaborativeTower
@@ -155,7 +156,7 @@ class AlignmentModule(pl.LightningModule):
         losses = self.losses(*self.embed(batch, "train"))
         # sync_dist: each rank's loss covers its own rows only; their mean is the global batch's loss.
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch["row"]), sync_dist=True)
-        return losses["loss"]
+        return require_finite(losses["loss"], self.current_epoch, self.global_step)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         tab, text, sub_tab, sub_text = self.embed(batch, "val")

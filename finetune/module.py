@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
+from ctrl.guards import require_finite
 from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, CTRModel
 
@@ -98,10 +99,14 @@ class CTRModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.spec = FeatureSpec.from_dict(feature_spec)
         self.model = CTRModel(backbone(self.spec))
-        if init_from:
-            load_aligned_tower(init_from, self.model.tower, self.spec)
         self.auc = nn.ModuleDict({s: BinaryAUROC() for s in EVAL_SLICES})
         self.logloss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SLICES})
+
+    def setup(self, stage: str) -> None:
+        # Only when fitting: test/predict load a stage-2 checkpoint, and a resumed fit's checkpoint is
+        # restored after this hook, so it overrides the aligned start as it should.
+        if stage == "fit" and self.hparams.init_from:
+            load_aligned_tower(self.hparams.init_from, self.model.tower, self.spec)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """B logits."""
@@ -110,7 +115,7 @@ class CTRModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(self(batch), batch["label"])
         self.log("train/loss", loss, batch_size=len(batch["label"]))
-        return loss
+        return require_finite(loss, self.current_epoch, self.global_step)
 
     def cold_rows(self, batch: Batch) -> torch.Tensor:
         """B booleans: the row's user or item id was never seen in training."""

@@ -9,6 +9,7 @@ With the defaults, the paper's example row renders as
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,22 @@ class Templates:
     feature_sep: str = ", "
     side_sep: str = ". "
     value_sep: str = "|"
+
+    def __post_init__(self) -> None:
+        for name, allowed in PLACEHOLDERS.items():
+            used = {field for _, field, _, _ in string.Formatter().parse(getattr(self, name)) if field is not None}
+            if used - allowed:
+                known = ", ".join("{" + a + "}" for a in sorted(allowed))
+                raise ValueError(f"template {name}={getattr(self, name)!r} names unknown field(s) "
+                                 f"{', '.join('{' + u + '}' for u in sorted(used - allowed))}; "
+                                 + (f"it may use only {known}" if known else "it takes no placeholders"))
+
+
+PLACEHOLDERS: dict[str, set[str]] = {
+    "user_intro": set(), "item_intro": {"item_noun"}, "feature": {"name", "value"},
+    "multi_valued": {"name", "values"}, "behavior": {"action", "items"}, "feature_sep": set(), "side_sep": set(),
+    "value_sep": set(),
+}
 
 
 # The paper's prompt study: natural sentences > name-value > name:value > masked names > values only.

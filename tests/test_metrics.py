@@ -8,10 +8,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from conftest import synthetic_batch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC
 
+from ctrl.data.datamodule import TensorDictDataset, keep_batch
+from ctrl.guards import NonFiniteLossError
 from finetune.module import CTRModule
 from towers import DIN, DeepFM
 
@@ -87,3 +90,14 @@ def test_validation_metrics_are_epoch_level(spec):
 
     batch_mean_auc = np.mean([rank_auc(s.numpy(), y.numpy()) for s, y in zip(logits, labels, strict=True)])
     assert abs(batch_mean_auc - epoch_auc) > 1e-3  # the data tells the two apart
+
+
+def test_non_finite_loss_stops_training_without_a_checkpoint(spec, tmp_path):
+    rows = synthetic_batch(spec, 64)
+    rows["age"][5] = float("nan")  # one broken numeric value poisons the batch's loss
+    loader = DataLoader(TensorDictDataset(rows), batch_size=64, collate_fn=keep_batch)
+    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    with pytest.raises(NonFiniteLossError, match="loss became nan at epoch 0, step 0.*Lower the learning rate"):
+        trainer.fit(CTRModule(spec.to_dict(), TINY_DEEPFM), train_dataloaders=loader)
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())

@@ -128,3 +128,15 @@ def test_init_from_other_data_or_backbone_is_refused(small_run):
                                     for f in spec.fields))
     with pytest.raises(CheckpointError, match="other data: field 'user_id'"):
         load_aligned_tower(align_ckpt, DCN(bigger, embed_dim=8, mlp_dims=[32, 16]), bigger)
+
+
+def test_cli_refuses_a_stage2_checkpoint_as_init_from_with_one_clear_line(small_run, capsys, monkeypatch):
+    monkeypatch.setenv("CTRL_CACHE_DIR", str(small_run / "cache"))
+    finetune_ckpt = next((small_run / "out" / "finetune").rglob("best.ckpt"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(small_run / "finetune.yaml"), "--data.data_dir", str(small_run / "ml-1m"),
+              "--trainer.logger", "false", "--trainer.fast_dev_run", "1",
+              "--model.init_args.init_from", str(finetune_ckpt)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: init_from: {finetune_ckpt} is a stage-2 (fine-tuned) checkpoint")

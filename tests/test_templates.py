@@ -76,3 +76,11 @@ def test_value_text_and_custom_templates():
                   feature_sep="; ", side_sep=" | ")
     text = TextRenderer(fields, t, item_noun="ad").render({"gender": "F", "price": 2.5}).text
     assert text == "A shopper; gender = female | An ad; price = 2.5 |"
+
+
+def test_template_naming_an_unknown_field_is_refused_with_the_allowed_names():
+    with pytest.raises(ValueError, match=r"template feature='\{gender\} = \{value\}' names unknown field\(s\)"
+                                         r" \{gender\}; it may use only \{name\}, \{value\}"):
+        Templates(feature="{gender} = {value}")
+    with pytest.raises(ValueError, match=r"user_intro=.*\{age\}; it takes no placeholders"):
+        Templates(user_intro="A user of {age}")
