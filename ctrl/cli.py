@@ -20,9 +20,8 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from ctrl.data.datamodule import CTRDataModule
 from ctrl.data.sources import DataError
-from ctrl.guards import NonFiniteLossError
+from ctrl.guards import CheckpointError, NonFiniteLossError
 from ctrl.pipeline import finish_wandb, run
-from finetune.module import CheckpointError
 from tabular2text.schema import FeatureSpec
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot serve the requested purpose; the message says why and what to pass."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; continuing would only write a broken checkpoint."""
 

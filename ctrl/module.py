@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoConfig
 
 from ctrl.data.prepare import default_cache_dir
-from ctrl.guards import require_finite
+from ctrl.guards import CheckpointError, require_finite
 from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
 from tabular2text.schema import FeatureSpec
 from towers.collaborative import CollaborativeTower
@@ -104,6 +104,11 @@ class AlignmentModule(pl.LightningModule):
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "coarse", "fine", "retrieval_top1")})
         self.texts: dict[str, tuple[list[str], list[str]]] = {}  # trainable language tower: split -> texts
         self.frozen_text_vectors: dict[str, Tensor] = {}  # frozen language tower: split -> N x H, on the CPU
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "tab_proj.weight" not in checkpoint.get("state_dict", {}):
+            raise CheckpointError("--ckpt_path is not a stage-1 (alignment) checkpoint; evaluate a fine-tuned"
+                                  " checkpoint with a finetune_*.yaml config")
 
     # --- text side ---------------------------------------------------------------------------------------
     def _cached_text_vectors(self, splits: tuple[str, ...]) -> dict[str, Tensor]:

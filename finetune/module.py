@@ -18,17 +18,13 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from ctrl.guards import require_finite
+from ctrl.guards import CheckpointError, require_finite
 from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, CTRModel
 
 Batch = dict[str, torch.Tensor]
 # test_cold: test rows whose user or item never appears in train (their id is out-of-vocabulary).
 EVAL_SLICES = ("val", "test", "test_cold")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot serve the requested purpose; the message says why and what to pass."""
 
 
 def spec_mismatch(expected: FeatureSpec, found: dict) -> str | None:
@@ -107,6 +103,11 @@ class CTRModule(pl.LightningModule):
         # restored after this hook, so it overrides the aligned start as it should.
         if stage == "fit" and self.hparams.init_from:
             load_aligned_tower(self.hparams.init_from, self.model.tower, self.spec)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "model.head.weight" not in checkpoint.get("state_dict", {}):
+            raise CheckpointError("--ckpt_path is not a stage-2 (fine-tuned) checkpoint; a stage-1 alignment"
+                                  " checkpoint starts stage 2 through --model.init_args.init_from instead")
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """B logits."""

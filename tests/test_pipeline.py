@@ -1,6 +1,7 @@
 """The main job end to end (stage 1 -> stage 2 -> test -> export) from the real configs, on a small
 MovieLens-1M-layout data set with a tiny BERT; the stage-1 -> stage-2 hand-over and its errors."""
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,8 @@ import yaml
 from conftest import wandb_records
 
 from ctrl.cli import main
+from ctrl.guards import CheckpointError
 from finetune.export import load_model
-from finetune.module import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "ml100k").glob("*.yaml"))
@@ -140,3 +141,28 @@ def test_cli_refuses_a_stage2_checkpoint_as_init_from_with_one_clear_line(small_
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: init_from: {finetune_ckpt} is a stage-2 (fine-tuned) checkpoint")
+
+
+def test_checkpoint_of_the_wrong_stage_is_refused(small_run, bert_dir):
+    """Through Lightning directly (LightningCLI instead rebuilds whatever module the checkpoint holds)."""
+    import pytorch_lightning as pl
+
+    from ctrl.data.datamodule import CTRDataModule
+    from ctrl.module import AlignmentModule
+    from finetune.module import CTRModule
+    from towers import DCN
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTRL_CACHE_DIR", str(small_run / "cache"))
+        dm = CTRDataModule(str(small_run / "ml-1m"), batch_size=64)
+    align_ckpt = next((small_run / "out" / "align").rglob("best.ckpt"))
+    module = CTRModule(dm.feature_spec.to_dict(), partial(DCN, embed_dim=8, mlp_dims=[32, 16]))
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, default_root_dir=small_run / "wrong")
+    with pytest.raises(CheckpointError, match="not a stage-2 .* through --model.init_args.init_from instead"):
+        trainer.validate(module, datamodule=dm, ckpt_path=align_ckpt)
+
+    finetune_ckpt = next((small_run / "out" / "finetune").rglob("best.ckpt"))
+    aligner = AlignmentModule(dm.feature_spec.to_dict(), partial(DCN, embed_dim=8, mlp_dims=[32, 16]),
+                              language_model=bert_dir, text_cache_dir=str(small_run / "text-vectors"))
+    with pytest.raises(CheckpointError, match="not a stage-1 .* with a finetune_\\*.yaml config"):
+        trainer.validate(aligner, datamodule=dm, ckpt_path=finetune_ckpt)
