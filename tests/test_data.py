@@ -147,7 +147,7 @@ label: click
 timestamp: ts
 user: user
 item: item
-history: {length: 2, text_field: title}
+history: {text_field: title}
 fields:
   - {name: user, kind: categorical, side: user}
   - {name: gender, kind: categorical, side: user, text: gender, values: {F: female, M: male}}

@@ -13,6 +13,7 @@ from ctrl.data.download import ensure_movielens_100k
 from ctrl.data.encode import frame_to_tensors
 from ctrl.data.prepare import SPLITS, prepare
 from tabular2text.schema import FeatureSpec
+from tabular2text.templates import Rendered
 
 
 class TensorDictDataset(Dataset):
@@ -73,8 +74,8 @@ class CTRDataModule(pl.LightningDataModule):
     def texts(self, split: str) -> tuple[list[str], list[str]]:
         """(user sentence, item sentence) per row of `split`; `batch["row"]` indexes these lists."""
         frame = self.frame(split)
-        pairs = [(t[:s].rstrip(), t[s:]) for t, s in zip(frame["text"], frame["item_start"], strict=True)]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
+        rendered = [Rendered(t, s) for t, s in zip(frame["text"], frame["item_start"], strict=True)]
+        return [r.user_text for r in rendered], [r.item_text for r in rendered]
 
     def tensors(self, split: str) -> dict[str, torch.Tensor]:
         if split not in self._tensors:

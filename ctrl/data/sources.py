@@ -94,14 +94,15 @@ def movielens_fields(history_length: int, age_text: dict[str, str] | None = None
 
 
 def movielens_table(name: str, ratings: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
-                    history_length: int, sources: tuple[Path, ...], **text_maps) -> Table:
+                    history_length: int, sources: tuple[Path, ...], age_text: dict[str, str] | None = None,
+                    occupation_text: dict[str, str] | None = None) -> Table:
     ratings = ratings.astype({"rating": "float64", "timestamp": "int64"})
     # Movie 267 has no title or date: "unknown" in u.item, "unkonwn" in RecBole's copy. Both are missing.
     for column in ("title", "release_year"):
         items[column] = items[column].where(~items[column].isin(["unknown", "unkonwn", ""]), None)
     frame = ratings.merge(users, on="user_id", how="left", validate="many_to_one")
     frame = frame.merge(items, on="item_id", how="left", validate="many_to_one")
-    return Table(name=name, frame=frame, fields=movielens_fields(history_length, **text_maps),
+    return Table(name=name, frame=frame, fields=movielens_fields(history_length, age_text, occupation_text),
                  label=LabelRule("rating", positive_above=3, negative_below=3), timestamp="timestamp",
                  history=HistoryRule("user_id", "item_id", history_length), item_noun="movie",
                  history_action="watched", sources=sources, user_field="user_id", item_field="item_id")
@@ -243,7 +244,7 @@ def read_recbole_movielens(directory: Path, history_length: int = 10) -> Table:
 
 
 # --- Generic: parquet or CSV + YAML schema --------------------------------------------------------------
-def read_generic(schema_path: Path, history_length: int | None = None) -> Table:
+def read_generic(schema_path: Path, history_length: int = 10) -> Table:
     """Read data described by a YAML schema, e.g.
 
         data: clicks.csv              # parquet or CSV, relative to this file
@@ -253,7 +254,7 @@ def read_generic(schema_path: Path, history_length: int | None = None) -> Table:
         timestamp: ts                 # optional; without it rows are split in file order
         user: user_id                 # optional: the user-id column (history, cold-start slice)
         item: item_id                 # optional: the item-id column (history, cold-start slice)
-        history: {length: 10, text_field: title}   # optional, needs `user` and `item`
+        history: {text_field: title}  # optional, needs `user` and `item`; its length is `history_length`
         fields:
           - {name: user_id, kind: categorical, side: user}
           - {name: gender, kind: categorical, side: user, text: gender, values: {F: female}}
@@ -288,7 +289,7 @@ def read_generic(schema_path: Path, history_length: int | None = None) -> Table:
         if not (user and item):
             raise DataError(f"{schema_path}: `history` needs the top-level keys `user` and `item` (id columns)")
         text_field = history.get("text_field")
-        history = HistoryRule(user, item, history_length or int(history.get("length", 10)))
+        history = HistoryRule(user, item, history_length)
     fields = []
     for i, spec in enumerate(schema["fields"]):
         where = f"{schema_path}: fields[{i}]"
