@@ -13,27 +13,30 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
+import torch
 import yaml
 from jsonargparse import CLI
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from ctrl.data.datamodule import CTRDataModule
 from ctrl.data.sources import DataError
-from ctrl.guards import CheckpointError, NonFiniteLossError
+from ctrl.guards import STAGE_NAMES, CheckpointError, NonFiniteLossError, checkpoint_stage
 from ctrl.pipeline import finish_wandb, run
 from tabular2text.schema import FeatureSpec
 
 
-def prepare(*, data_dir: str, download: bool = False, history_length: int = 10, template: str = "natural",
-            cache_dir: str | None = None, show: int = 3) -> None:
+def prepare(*, data_dir: str, download: bool = False, history_length: int = 10,
+            template: str | dict[str, str] = "natural", cache_dir: str | None = None, show: int = 3) -> None:
     """Prepare a data set once (cached by fingerprint) and summarise it.
 
     Args:
         data_dir: MovieLens-100K / -1M or RecBole directory, or a schema YAML for generic data.
         download: fetch MovieLens-100K into data_dir when it is absent.
         history_length: number of most recent items in the behavior sequence.
-        template: text template preset: natural, dash, colon, masked or values.
+        template: text template preset (natural, dash, colon, masked or values) or a mapping of
+            template names to format strings that replace those of natural.
         cache_dir: where prepared data lives (default $CTRL_CACHE_DIR or ~/.cache/ctrl-rec).
         show: how many rendered texts of the train split to print.
     """
@@ -66,11 +69,49 @@ class CTRLCLI(LightningCLI):
         parser.link_arguments("data.feature_spec", "model.init_args.feature_spec", compute_fn=FeatureSpec.to_dict,
                               apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Checkpoints go to <default_root_dir>/checkpoints, not into a folder per logger run: W&B names that
+        # folder by a run id that is new on every start, which would hide last.ckpt from `--ckpt_path last`.
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.dirpath is None:
+                callback.dirpath = os.path.realpath(os.path.join(self.trainer.default_root_dir, "checkpoints"))
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI rebuilds the module a --ckpt_path names, whatever the config says: `ctrl test` with a
+        # finetune config and an alignment checkpoint would quietly run stage-1 validation. Refuse instead.
+        config = self.config.get(self.config.get("subcommand") or "", {})
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            try:
+                ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+            except Exception as e:
+                raise CheckpointError(f"--ckpt_path {ckpt_path} is not a readable checkpoint ({e}); it may be"
+                                      " truncated: pass another one (e.g. the previous last.ckpt or best.ckpt)") from e
+            saved = ckpt.get("hyper_parameters", {}).get("_class_path") if isinstance(ckpt, dict) else None
+            wanted = config.get("model", {}).get("class_path")
+            if saved and wanted and saved != wanted:
+                stage = STAGE_NAMES.get(checkpoint_stage(ckpt.get("state_dict", {})), "other")
+                raise CheckpointError(f"--ckpt_path {ckpt_path} is a {stage} checkpoint of {saved}, but the config"
+                                      f" builds {wanted}; pass a checkpoint written with this config")
+        super()._parse_ckpt_path()
+
 
 def lightning_cli(args: list[str] | None, run: bool = True) -> CTRLCLI:
     """The Lightning CLI of both stages (the model's class_path picks the stage)."""
     return CTRLCLI(datamodule_class=CTRDataModule, subclass_mode_model=True, args=args, run=run,
                    save_config_callback=LoggerSaveConfigCallback, save_config_kwargs={"overwrite": True})
+
+
+USER_ERRORS = (DataError, FileNotFoundError, CheckpointError, NonFiniteLossError)
+
+
+def user_error(error: BaseException | None) -> BaseException | None:
+    """The error a user can fix, if `error` is one or was caused by one (jsonargparse wraps errors raised while
+    it instantiates a class in an error of its own)."""
+    while error is not None and not isinstance(error, USER_ERRORS):
+        error = error.__cause__
+    return error
 
 
 COMMANDS = {"prepare": prepare, "run": run}
@@ -85,8 +126,11 @@ def main(args: list[str] | None = None) -> None:
             CLI(COMMANDS, args=argv)
         else:
             lightning_cli(args)
-    except (DataError, FileNotFoundError, CheckpointError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        problem = user_error(e)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         finish_wandb()

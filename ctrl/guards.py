@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from tabular2text.schema import FeatureSpec
+
+STAGE_NAMES = {1: "stage-1 (alignment)", 2: "stage-2 (fine-tuned)"}
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot serve the requested purpose; the message says why and what to pass."""
@@ -21,3 +25,39 @@ def require_finite(loss: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
             " saving it. Lower the learning rate (model.init_args.lr), raise the temperature, or check the"
             " input data for extreme numeric values")
     return loss
+
+
+def checkpoint_stage(state_dict: dict) -> int | None:
+    """1 for an alignment checkpoint (it has projection heads), 2 for a fine-tuned one (it has the CTR head)."""
+    if "tab_proj.weight" in state_dict:
+        return 1
+    if "model.head.weight" in state_dict:
+        return 2
+    return None
+
+
+def spec_mismatch(expected: FeatureSpec, found: dict) -> str | None:
+    """Describe the first field whose kind or vocabulary differs between two specs, or None."""
+    theirs = {f["name"]: f for f in found.get("fields", [])}
+    for f in expected.fields:
+        other = theirs.get(f.name)
+        if other is None:
+            return f"field {f.name!r} is missing from the checkpoint's data"
+        if (other["kind"], other["vocab_size"], other["max_len"]) != (f.kind, f.vocab_size, f.max_len):
+            return (f"field {f.name!r}: checkpoint has {other['kind']} with vocabulary {other['vocab_size']}, the data"
+                    f" has {f.kind} with vocabulary {f.vocab_size}")
+    return None
+
+
+def check_resumed_checkpoint(checkpoint: dict, stage: int, feature_spec: dict) -> None:
+    """Refuse a `--ckpt_path` of the other stage or of other data, before Lightning loads its weights."""
+    found = checkpoint_stage(checkpoint.get("state_dict", {}))
+    if found != stage:
+        hint = ("a stage-1 alignment checkpoint starts stage 2 through --model.init_args.init_from instead"
+                if stage == 2 else "evaluate a fine-tuned checkpoint with a finetune_*.yaml config")
+        raise CheckpointError(f"--ckpt_path is not a {STAGE_NAMES[stage]} checkpoint; {hint}")
+    saved = checkpoint.get("hyper_parameters", {}).get("feature_spec")
+    problem = spec_mismatch(FeatureSpec.from_dict(feature_spec), saved) if isinstance(saved, dict) else None
+    if problem:
+        raise CheckpointError(f"--ckpt_path was trained on other data: {problem}; pass --data.data_dir (and"
+                              " history_length) of the data it was trained on, or train on this data")

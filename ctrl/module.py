@@ -19,14 +19,13 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from transformers import AutoConfig
 
 from ctrl.data.prepare import default_cache_dir
-from ctrl.guards import CheckpointError, require_finite
+from ctrl.guards import check_resumed_checkpoint, require_finite
 from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
 from tabular2text.schema import FeatureSpec
 from towers.collaborative import CollaborativeTower
-from towers.language import LanguageTower, Pooling, resolve_model
+from towers.language import LanguageTower, Pooling, model_config
 from towers.text_cache import cached_text_embeddings
 
 Batch = dict[str, Tensor]
@@ -95,7 +94,7 @@ class AlignmentModule(pl.LightningModule):
         if trainable_layers == 0:
             # Built only in prepare_data/setup to fill the cache; its width is all the projection needs now.
             self.language = None
-            text_dim = AutoConfig.from_pretrained(resolve_model(language_model), local_files_only=True).hidden_size
+            text_dim = model_config(language_model).hidden_size
         else:
             # train(): from_pretrained returns eval mode, which Lightning keeps, and dropout would stay off.
             self.language = LanguageTower(language_model, pooling, trainable_layers, max_length).train()
@@ -109,9 +108,7 @@ class AlignmentModule(pl.LightningModule):
         self.frozen_text_vectors: dict[str, Tensor] = {}  # frozen language tower: split -> N x H, on the CPU
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "tab_proj.weight" not in checkpoint.get("state_dict", {}):
-            raise CheckpointError("--ckpt_path is not a stage-1 (alignment) checkpoint; evaluate a fine-tuned"
-                                  " checkpoint with a finetune_*.yaml config")
+        check_resumed_checkpoint(checkpoint, 1, self.hparams.feature_spec)
 
     # --- text side ---------------------------------------------------------------------------------------
     def _cached_text_vectors(self, splits: tuple[str, ...]) -> dict[str, Tensor]:

@@ -18,26 +18,13 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from ctrl.guards import CheckpointError, require_finite
+from ctrl.guards import CheckpointError, check_resumed_checkpoint, checkpoint_stage, require_finite, spec_mismatch
 from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, CTRModel
 
 Batch = dict[str, torch.Tensor]
 # test_cold: test rows whose user or item never appears in train (their id is out-of-vocabulary).
 EVAL_SLICES = ("val", "test", "test_cold")
-
-
-def spec_mismatch(expected: FeatureSpec, found: dict) -> str | None:
-    """Describe the first field whose kind or vocabulary differs between two specs, or None."""
-    theirs = {f["name"]: f for f in found.get("fields", [])}
-    for f in expected.fields:
-        other = theirs.get(f.name)
-        if other is None:
-            return f"field {f.name!r} is missing from the checkpoint's data"
-        if (other["kind"], other["vocab_size"], other["max_len"]) != (f.kind, f.vocab_size, f.max_len):
-            return (f"field {f.name!r}: checkpoint has {other['kind']} with vocabulary {other['vocab_size']}, the data"
-                    f" has {f.kind} with vocabulary {f.vocab_size}")
-    return None
 
 
 def load_aligned_tower(path: str | Path, tower: CollaborativeTower, spec: FeatureSpec) -> None:
@@ -50,7 +37,7 @@ def load_aligned_tower(path: str | Path, tower: CollaborativeTower, spec: Featur
     except Exception as e:
         raise CheckpointError(f"init_from: {path} is not a readable checkpoint ({e})") from e
     state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
-    if any(k.startswith("model.head.") for k in state):
+    if checkpoint_stage(state) == 2:
         raise CheckpointError(f"init_from: {path} is a stage-2 (fine-tuned) checkpoint; init_from takes a stage-1"
                               " alignment checkpoint (to evaluate a stage-2 checkpoint, pass it as --ckpt_path)")
     tower_state = {k.removeprefix("tower."): v for k, v in state.items() if k.startswith("tower.")}
@@ -105,9 +92,7 @@ class CTRModule(pl.LightningModule):
             load_aligned_tower(self.hparams.init_from, self.model.tower, self.spec)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "model.head.weight" not in checkpoint.get("state_dict", {}):
-            raise CheckpointError("--ckpt_path is not a stage-2 (fine-tuned) checkpoint; a stage-1 alignment"
-                                  " checkpoint starts stage 2 through --model.init_args.init_from instead")
+        check_resumed_checkpoint(checkpoint, 2, self.hparams.feature_spec)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """B logits."""

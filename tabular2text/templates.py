@@ -8,6 +8,7 @@ With the defaults, the paper's example row renders as
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import string
 from collections.abc import Mapping, Sequence
@@ -67,11 +68,19 @@ PRESETS: dict[str, Templates] = {
 }
 
 
-def preset(name: str) -> Templates:
+def preset(template: str | dict[str, str]) -> Templates:
+    """A preset by name, or a mapping of template names to format strings that replace those of "natural",
+    e.g. {"feature": "{name}: {value}", "feature_sep": "; "}."""
+    if isinstance(template, dict):
+        names = [f.name for f in dataclasses.fields(Templates)]
+        unknown = sorted(set(template) - set(names))
+        if unknown:
+            raise ValueError(f"unknown template name(s) {', '.join(unknown)}; use {', '.join(names)}")
+        return dataclasses.replace(PRESETS["natural"], **template)
     try:
-        return PRESETS[name]
+        return PRESETS[template]
     except KeyError:
-        raise ValueError(f"unknown template preset {name!r}; use one of {', '.join(PRESETS)}") from None
+        raise ValueError(f"unknown template preset {template!r}; use one of {', '.join(PRESETS)}") from None
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,15 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from tabular2text.schema import FeatureSpec, Field
 from towers.language import default_model_dir
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ml100k"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -96,3 +99,48 @@ def wandb_records(run_file: Path):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             yield record
+
+
+def write_small_ml1m(directory: Path, users: int = 40, movies: int = 30, seed: int = 0) -> Path:
+    """A MovieLens-1M-layout data set with a learnable signal: users like movies of their favourite genre."""
+    rng = np.random.default_rng(seed)
+    genres = ["Action", "Comedy", "Drama"]
+    directory.mkdir()
+    (directory / "users.dat").write_text("".join(
+        f"{u}::{'FM'[u % 2]}::{[18, 25, 35][u % 3]}::{u % 21}::{10000 + u}\n" for u in range(1, users + 1)))
+    (directory / "movies.dat").write_text("".join(
+        f"{m}::Movie number {m} ({1980 + m % 20})::{genres[m % 3]}\n" for m in range(1, movies + 1)))
+    lines, t = [], 978300000
+    for u in range(1, users + 1):
+        for m in rng.choice(np.arange(1, movies + 1), size=20, replace=False):
+            liked = (m % 3 == u % 3) ^ (rng.random() < 0.15)
+            lines.append(f"{u}::{m}::{5 if liked else 1}::{t + int(rng.integers(0, 10**6))}\n")
+    (directory / "ratings.dat").write_text("".join(lines))
+    return directory
+
+
+def small_config(source: Path, target: Path, **model_args) -> Path:
+    """The shipped config with small-data settings: the same structure a user runs."""
+    config = yaml.safe_load(source.read_text())
+    config["trainer"]["max_epochs"] = 2
+    config["data"].update(batch_size=64)
+    config["model"]["init_args"]["backbone"]["init_args"].update(embed_dim=8, mlp_dims=[32, 16])
+    config["model"]["init_args"].update(model_args)
+    target.write_text(yaml.safe_dump(config))
+    return target
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, bert_dir):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data = write_small_ml1m(tmp / "ml-1m")
+    align = small_config(CONFIGS / "align_dcn.yaml", tmp / "align.yaml", language_model=bert_dir,
+                         text_cache_dir=str(tmp / "text-vectors"), warmup_steps=2)
+    finetune = small_config(CONFIGS / "finetune_dcn.yaml", tmp / "finetune.yaml")
+    from ctrl.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTRL_CACHE_DIR", str(tmp / "cache"))
+        main(["run", "--align", str(align), "--finetune", str(finetune), "--data_dir", str(data),
+              "--out", str(tmp / "out")])
+    return tmp

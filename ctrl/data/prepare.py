@@ -123,7 +123,8 @@ def build_spec(table: Table, train: pd.DataFrame) -> FeatureSpec:
                        user_field=table.user_field, item_field=table.item_field)
 
 
-def render_texts(frame: pd.DataFrame, table: Table, spec: FeatureSpec, template: str) -> tuple[list[str], list[int]]:
+def render_texts(frame: pd.DataFrame, table: Table, spec: FeatureSpec,
+                 template: str | dict[str, str]) -> tuple[list[str], list[int]]:
     renderer = TextRenderer(spec.fields, preset(template), spec.item_noun, spec.history_action)
     names: dict[str, dict[str, str]] = {}
     for f in spec.fields:
@@ -163,9 +164,12 @@ def labelled_splits(table: Table) -> dict[str, pd.DataFrame]:
 
 
 def prepare(data: str | Path, cache_dir: str | Path | None = None, history_length: int = 10,
-            template: str = "natural") -> Path:
+            template: str | dict[str, str] = "natural") -> Path:
     """Prepare `data` (a directory or a schema YAML) once; return the directory holding the result."""
-    preset(template)  # fail on an unknown preset before any work
+    try:
+        preset(template)  # fail on a bad template before any work
+    except ValueError as e:
+        raise DataError(f"template: {e}") from None
     table = read_table(Path(data).expanduser(), history_length)
     options = {"history_length": history_length, "template": template, "split": SPLIT_FRACTIONS}
     key = fingerprint(table, options)
