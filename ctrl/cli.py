@@ -2,6 +2,7 @@
 
     ctrl prepare --data_dir DIR          prepare a data set; print split sizes, positive rates and texts
     ctrl run --align A.yaml --finetune F.yaml   the main job: stage 1 -> stage 2 -> test -> export
+    ctrl bench --config configs/bench/ml100k.yaml   base vs CTRL over backbones and seeds -> RESULTS.md
     ctrl fit|validate|test|predict ...   Lightning CLI; the model's class_path picks the stage
 
 W&B runs offline unless WANDB_API_KEY is set (no prompt, no network).
@@ -20,9 +21,10 @@ import yaml
 from jsonargparse import CLI
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
+from ctrl.bench import bench
 from ctrl.data.datamodule import CTRDataModule
 from ctrl.data.sources import DataError
-from ctrl.guards import STAGE_NAMES, CheckpointError, NonFiniteLossError, checkpoint_stage
+from ctrl.guards import STAGE_NAMES, CheckpointError, ConfigError, NonFiniteLossError, checkpoint_stage
 from ctrl.pipeline import finish_wandb, run
 from tabular2text.schema import FeatureSpec
 
@@ -103,7 +105,7 @@ def lightning_cli(args: list[str] | None, run: bool = True) -> CTRLCLI:
                    save_config_callback=LoggerSaveConfigCallback, save_config_kwargs={"overwrite": True})
 
 
-USER_ERRORS = (DataError, FileNotFoundError, CheckpointError, NonFiniteLossError)
+USER_ERRORS = (DataError, ConfigError, FileNotFoundError, CheckpointError, NonFiniteLossError)
 
 
 def user_error(error: BaseException | None) -> BaseException | None:
@@ -114,7 +116,7 @@ def user_error(error: BaseException | None) -> BaseException | None:
     return error
 
 
-COMMANDS = {"prepare": prepare, "run": run}
+COMMANDS = {"prepare": prepare, "run": run, "bench": bench}
 
 
 def main(args: list[str] | None = None) -> None:

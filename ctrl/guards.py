@@ -13,6 +13,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot serve the requested purpose; the message says why and what to pass."""
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names it and what to pass instead."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; continuing would only write a broken checkpoint."""
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.cli import LightningCLI
 from torchmetrics.functional.classification import binary_auroc
 
 from ctrl.data.prepare import labelled_splits
@@ -42,6 +45,52 @@ def best_checkpoint(trainer) -> str:
     return path
 
 
+@dataclass
+class Stages:
+    """The trained stages of one run: their LightningCLIs (each trainer knows its best checkpoint) and the
+    wall time per phase so far."""
+
+    align: LightningCLI | None
+    finetune: LightningCLI
+    phases: dict[str, float]
+
+
+def train(*, finetune: str, align: str | None = None, out: Path, align_args: Sequence[str] = (),
+          finetune_args: Sequence[str] = ()) -> Stages:
+    """Stage 1 (when `align` is given), then stage 2 starting from stage 1's best checkpoint.
+
+    Args:
+        finetune: stage-2 config (configs/ml100k/finetune_*.yaml).
+        align: stage-1 config (configs/ml100k/align_*.yaml); None trains stage 2 from scratch (the baseline).
+        out: directory for checkpoints and W&B files, `out/align` and `out/finetune`.
+        align_args: further LightningCLI arguments of stage 1, e.g. ["--seed_everything", "1"]; they come
+            last, so they override the config and the output directories (e.g. ["--trainer.logger", "false"]).
+        finetune_args: the same for stage 2.
+    """
+    from ctrl.cli import lightning_cli  # imported here: ctrl.cli imports this module
+
+    phases: dict[str, float] = {}
+
+    def cli(config: str, stage: str, extra: Sequence[str]) -> LightningCLI:
+        # Checkpoints (default_root_dir/checkpoints) and W&B files both go under `out`.
+        args = ["--config", config, "--trainer.default_root_dir", str(out / stage),
+                "--trainer.logger.init_args.save_dir", str(out / stage), *extra]
+        with timed(phases, "prepare"):
+            return lightning_cli(args, run=False)
+
+    stage1, init = None, []
+    if align:
+        stage1 = cli(align, "align", align_args)
+        with timed(phases, "stage 1 (incl. text encoding)"):
+            stage1.trainer.fit(stage1.model, datamodule=stage1.datamodule)
+        finish_wandb()
+        init = ["--model.init_args.init_from", best_checkpoint(stage1.trainer)]
+    stage2 = cli(finetune, "finetune", [*init, *finetune_args])
+    with timed(phases, "stage 2"):
+        stage2.trainer.fit(stage2.model, datamodule=stage2.datamodule)
+    return Stages(stage1, stage2, phases)
+
+
 def run(*, finetune: str, align: str | None = None, data_dir: str | None = None, out: str = "runs/main",
         max_epochs_align: int | None = None, max_epochs_finetune: int | None = None) -> dict[str, float]:
     """Run CTRL end to end and print the exported model's test metrics.
@@ -54,30 +103,15 @@ def run(*, finetune: str, align: str | None = None, data_dir: str | None = None,
         max_epochs_align: overrides trainer.max_epochs of stage 1.
         max_epochs_finetune: overrides trainer.max_epochs of stage 2.
     """
-    from ctrl.cli import lightning_cli  # imported here: ctrl.cli imports this module
-
     out_dir = Path(out)
     data = ["--data.data_dir", data_dir] if data_dir else []
-    phases: dict[str, float] = {}
 
-    def cli(config: str, stage: str, max_epochs: int | None, extra: list[str]):
-        # The configs log to W&B; its save_dir also holds the checkpoints, so both go under `out`.
-        args = ["--config", config, *data, *extra, "--trainer.default_root_dir", str(out_dir / stage),
-                "--trainer.logger.init_args.save_dir", str(out_dir / stage)]
-        args += ["--trainer.max_epochs", str(max_epochs)] if max_epochs else []
-        with timed(phases, "prepare"):
-            return lightning_cli(args, run=False)
+    def epochs(max_epochs: int | None) -> list[str]:
+        return ["--trainer.max_epochs", str(max_epochs)] if max_epochs else []
 
-    init = []
-    if align:
-        stage1 = cli(align, "align", max_epochs_align, [])
-        with timed(phases, "stage 1 (incl. text encoding)"):
-            stage1.trainer.fit(stage1.model, datamodule=stage1.datamodule)
-        finish_wandb()
-        init = ["--model.init_args.init_from", best_checkpoint(stage1.trainer)]
-    stage2 = cli(finetune, "finetune", max_epochs_finetune, init)
-    with timed(phases, "stage 2"):
-        stage2.trainer.fit(stage2.model, datamodule=stage2.datamodule)
+    stages = train(finetune=finetune, align=align, out=out_dir, align_args=[*data, *epochs(max_epochs_align)],
+                   finetune_args=[*data, *epochs(max_epochs_finetune)])
+    stage2, phases = stages.finetune, stages.phases
     with timed(phases, "test"):
         (metrics,) = stage2.trainer.test(stage2.model, datamodule=stage2.datamodule, ckpt_path="best")
     with timed(phases, "export"):

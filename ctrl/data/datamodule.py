@@ -127,10 +127,12 @@ class CTRDataModule(pl.LightningDataModule):
             return {}
         loop = self.trainer.fit_loop
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+        if torch.cuda.is_available():  # dropout on a GPU draws from its own generator
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"epoch": loop.epoch_progress.current.processed,
-                "batches": loop.epoch_loop.batch_progress.current.ready,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}}
+                "batches": loop.epoch_loop.batch_progress.current.ready, "rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -143,6 +145,8 @@ class CTRDataModule(pl.LightningDataModule):
         kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -1,0 +1,218 @@
+"""`ctrl bench` in small-scale mode: base vs CTRL on one backbone, two seeds, a few hundred rows and a tiny
+BERT. The report's numbers are recomputed from results.jsonl; a rerun skips the finished runs."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import small_config, write_small_ml1m
+from scipy.stats import ttest_rel
+
+import ctrl.bench
+from ctrl.bench import append_record, read_records
+from ctrl.cli import main
+from ctrl.pipeline import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from threads, which only wait on a busy machine (6x slower here). One
+    count for the whole module: a rerun must see the same thread count to reproduce a run's numbers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, bert_dir):
+    tmp = tmp_path_factory.mktemp("bench")
+    data = write_small_ml1m(tmp / "ml-1m")
+    configs = tmp / "configs"
+    configs.mkdir()
+    small_config(ROOT / "configs/ml100k/align_dcn.yaml", configs / "align_dcn.yaml", language_model=bert_dir,
+                 text_cache_dir=str(tmp / "text-vectors"), warmup_steps=2)
+    small_config(ROOT / "configs/ml100k/finetune_dcn.yaml", configs / "finetune_dcn.yaml")
+    (tmp / "cost.md").write_text("# Cost\n\n| phase | s |\n|---|---|\n| encode | 1.0 |\n")
+    (tmp / "bench.yaml").write_text(yaml.safe_dump({
+        "data_dir": str(data), "config_dir": str(configs), "out": str(tmp / "out"), "backbones": ["dcn"],
+        "seeds": SEEDS, "args": ["--trainer.logger", "false"],  # W&B would cost seconds per stage
+        "report": str(tmp / "RESULTS.md"), "plot": str(tmp / "results_auc.png"),
+        "include": [str(tmp / "cost.md"), str(tmp / "absent.md")]}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTRL_CACHE_DIR", str(tmp / "cache"))
+        mp.setattr(sys, "argv", ["ctrl", *bench_args(tmp)])
+        main(bench_args(tmp))
+    return tmp
+
+
+def bench_args(tmp) -> list[str]:
+    return ["bench", "--config", str(tmp / "bench.yaml"), "--variants", "base,ctrl"]
+
+
+def table_row(report: str, heading: str, first_cells: str) -> list[str]:
+    """The cells of the row starting with `first_cells` in the first table after `heading`."""
+    section = report.split(heading, 1)[1].split("\n## ", 1)[0]
+    (line,) = [line for line in section.splitlines() if line.startswith(f"| {first_cells} |")]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def mean_and_std(cell: str) -> tuple[float, float]:
+    mean, std = cell.split(" ± ")
+    return float(mean), float(std)
+
+
+def test_every_run_is_recorded_with_metrics_times_and_arguments(bench_run):
+    records = read_records(bench_run / "out" / "results.jsonl")
+    assert sorted((r["variant"], r["seed"]) for r in records) == [("base", 0), ("base", 1), ("ctrl", 0), ("ctrl", 1)]
+    for r in records:
+        run_dir = Path(r["run_dir"])
+        assert r["backbone"] == "dcn" and run_dir == bench_run / "out" / r["variant"] / "dcn" / f"seed{r['seed']}"
+        assert {"val/auc", "val/logloss", "test/auc", "test/logloss"} <= set(r["metrics"])
+        assert ["--seed_everything", str(r["seed"])] == r["finetune_args"][:2]
+        assert {"prepare", "stage 2", "validate", "test"} <= set(r["phases"])
+        if r["variant"] == "ctrl":
+            assert ["--seed_everything", str(r["seed"])] == r["align_args"][:2]
+            assert "stage 1 (incl. text encoding)" in r["phases"] and "align/val/loss" in r["metrics"]
+            # stage 2 started from this run's own stage-1 checkpoint
+            (ckpt,) = (run_dir / "finetune" / "checkpoints").glob("best*.ckpt")
+            init_from = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["init_from"]
+            assert init_from.startswith(str((run_dir / "align").resolve()))
+        else:
+            assert r["align_config"] is None and not (run_dir / "align").exists()
+    base = {r["seed"]: r["metrics"]["test/auc"] for r in records if r["variant"] == "base"}
+    assert base[0] != base[1]  # the seed reaches training
+
+
+def assert_comparison_row(report: str, heading: str, records: list[dict], prefix: str) -> None:
+    """The backbone's row under `heading` equals mean, std, RelaImpr and p recomputed from the records."""
+    def per_seed(variant: str, metric: str) -> list[float]:
+        return [r["metrics"][f"{prefix}/{metric}"] for r in sorted(records, key=lambda r: r["seed"])
+                if r["variant"] == variant]
+
+    cells = table_row(report, heading, "dcn")
+    base, ctrl = per_seed("base", "auc"), per_seed("ctrl", "auc")
+    assert cells[1] == str(len(base)) == str(len(ctrl))
+    for cell, values in zip(cells[2:4] + cells[6:8], [base, ctrl, per_seed("base", "logloss"),
+                                                       per_seed("ctrl", "logloss")], strict=True):
+        mean, std = mean_and_std(cell)
+        assert mean == pytest.approx(np.mean(values), abs=6e-5)
+        assert std == pytest.approx(np.std(values, ddof=1), abs=6e-5)
+    rela_impr = ((np.mean(ctrl) - 0.5) / (np.mean(base) - 0.5) - 1) * 100
+    assert float(cells[4].rstrip("%")) == pytest.approx(rela_impr, abs=0.006)
+    assert float(cells[5]) == pytest.approx(ttest_rel(ctrl, base, alternative="greater").pvalue, rel=6e-3)
+
+
+def test_report_numbers_match_the_records(bench_run):
+    records = read_records(bench_run / "out" / "results.jsonl")
+    report = (bench_run / "RESULTS.md").read_text()
+    assert_comparison_row(report, "all test rows", records, "test")
+    assert "one-sided (alternative: CTRL > base)" in report
+    for variant in ("base", "ctrl"):  # the variants table: mean val AUC
+        val = [r["metrics"]["val/auc"] for r in records if r["variant"] == variant]
+        (row,) = [line for line in report.splitlines() if re.match(rf"\| dcn \| (\*\*)?{variant}(\*\*)? \|", line)]
+        assert row.split("|")[4].strip().startswith(f"{np.mean(val):.4f}")
+    assert "Written by `ctrl bench --config " in report and "Machine: " in report and " cores" in report
+    assert "| encode | 1.0 |" in report and "absent.md" not in report  # included verbatim when present
+
+
+def test_report_decides_on_validation_and_covers_the_cold_start_slice(tmp_path):
+    """Records written here (the tiny data has no cold-start test rows): three seeds, two ablations."""
+    rng = np.random.default_rng(0)
+    records = []
+    for seed in range(3):
+        for variant, val, test in (("base", 0.70, 0.72), ("ctrl", 0.71, 0.73), ("coarse_only", 0.72, 0.70),
+                                   ("fine_only", 0.69, 0.80)):
+            noise = rng.normal(0, 0.005, 5)
+            metrics = {"val/auc": val + noise[0], "test/auc": test + noise[1], "test/logloss": 0.5 + noise[2],
+                       "test_cold/auc": test - 0.05 + noise[3], "test_cold/logloss": 0.6 + noise[4]}
+            records.append({"variant": variant, "backbone": "dcn", "seed": seed, "metrics": metrics,
+                            "phases": {"stage 2": 1.0}, "overrides": {"both": [], "align": [], "finetune": []},
+                            "command": "ctrl bench"})
+    ctrl.bench.write_report(records, ["dcn"], tmp_path / "RESULTS.md", tmp_path / "auc.png", [],
+                            tmp_path / "results.jsonl")
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert_comparison_row(report, "cold start", records, "test_cold")
+    # best on validation (coarse_only), not on test (fine_only)
+    assert [line.split("|")[2].strip() for line in report.splitlines() if "**" in line] == ["**coarse_only**"]
+
+
+def test_plot_is_a_png(bench_run):
+    import matplotlib.image
+
+    path = bench_run / "results_auc.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(path).ndim == 3
+
+
+def test_rerun_skips_finished_runs_and_resumes_a_missing_one(bench_run, monkeypatch):
+    monkeypatch.setenv("CTRL_CACHE_DIR", str(bench_run / "cache"))
+    results = bench_run / "out" / "results.jsonl"
+    lines = results.read_text().splitlines()
+
+    def no_training(**kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ctrl.bench, "train", no_training)
+        main(bench_args(bench_run))
+    assert results.read_text().splitlines() == lines
+
+    # an interrupted benchmark: base seed 1 never got recorded; the rerun trains that run alone, identically
+    runs = [(r["variant"], r["seed"]) for r in map(json.loads, lines)]
+    missing = runs.index(("base", 1))
+    results.write_text("".join(f"{line}\n" for i, line in enumerate(lines) if i != missing))
+    trained = []
+    monkeypatch.setattr(ctrl.bench, "train", lambda **kwargs: trained.append(kwargs) or train(**kwargs))
+    main(bench_args(bench_run))
+    after = results.read_text().splitlines()
+    assert len(trained) == 1 and len(after) == len(lines)
+    again, before = json.loads(after[-1]), json.loads(lines[missing])
+    assert (again["variant"], again["seed"]) == ("base", 1)
+    assert again["metrics"] == pytest.approx(before["metrics"], abs=1e-6)
+
+
+def test_a_recorded_run_with_other_arguments_is_refused(bench_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*bench_args(bench_run), "--data_dir", str(bench_run / "elsewhere")])
+    assert exit_info.value.code == 2
+    assert "records base/dcn/seed 0 with other configs or arguments" in capsys.readouterr().err
+
+
+def test_a_record_cut_short_is_skipped_and_the_next_one_kept(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"variant": "base"}\n{"variant": "ct')
+    append_record(path, {"variant": "ctrl"})
+    assert read_records(path) == [{"variant": "base"}, {"variant": "ctrl"}]
+
+
+def test_every_ablation_of_the_shipped_config_names_options_of_its_stages(capsys):
+    """The shipped bench config cannot rot: each override is an option of the stage config it goes to."""
+
+    def printed(args: list[str]) -> dict:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--print_config"])
+        assert exit_info.value.code == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    config = printed(["bench", "--config", str(ROOT / "configs/bench/ml100k.yaml")])
+    stages = {stage: printed(["fit", "--config", str(ROOT / config["config_dir"] / f"{stage}_dcn.yaml")])
+              for stage in ("align", "finetune")}
+    targets_of = {"args": ("align", "finetune"), "align_args": ("align",), "finetune_args": ("finetune",)}
+    assert len(config["ablations"]) > 0
+    for ablation in config["ablations"]:
+        for key, targets in targets_of.items():
+            for option in ablation.get(key, [])[::2]:  # option, value, option, value ...
+                for stage in targets:
+                    node = stages[stage]
+                    for part in option.removeprefix("--").split("."):
+                        assert part in node, f"{ablation['name']}: {option} is no option of the {stage} config"
+                        node = node[part]
