@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -27,8 +28,10 @@ Batch = dict[str, torch.Tensor]
 EVAL_SLICES = ("val", "test", "test_cold")
 
 
-def load_aligned_tower(path: str | Path, tower: CollaborativeTower, spec: FeatureSpec) -> None:
-    """Copy the collaborative tower of a stage-1 (alignment) checkpoint into `tower`."""
+def load_aligned_tower(path: str | Path, tower: CollaborativeTower, spec: FeatureSpec,
+                       keep: Literal["tower", "embeddings"] = "tower") -> None:
+    """Copy the collaborative tower of a stage-1 (alignment) checkpoint into `tower`: all of it, or with
+    keep="embeddings" only its field embeddings (`tower.embedding`), the backbone keeping its fresh weights."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"init_from: no checkpoint at {path}")
@@ -48,8 +51,9 @@ def load_aligned_tower(path: str | Path, tower: CollaborativeTower, spec: Featur
     problem = spec_mismatch(spec, saved_spec) if isinstance(saved_spec, dict) else None
     if problem:
         raise CheckpointError(f"init_from: {path} was trained on other data: {problem}; run stage 1 on this data")
+    target, prefix = (tower.embedding, "embedding.") if keep == "embeddings" else (tower, "")
     try:
-        tower.load_state_dict(tower_state)
+        target.load_state_dict({k.removeprefix(prefix): v for k, v in tower_state.items() if k.startswith(prefix)})
     except RuntimeError as e:
         raise CheckpointError(f"init_from: {path} holds a different backbone or backbone settings than this"
                               f" config ({str(e).splitlines()[0]}); use the same backbone in both stages") from e
@@ -68,6 +72,8 @@ class CTRModule(pl.LightningModule):
         weight_decay: Adam weight decay.
         init_from: a stage-1 checkpoint whose collaborative tower initialises this one (CTRL); None
             trains from scratch (the baseline). The output layer is always fresh.
+        init_keep: what init_from initialises: the whole tower ("tower": field embeddings and backbone) or
+            only the field embeddings ("embeddings"; the backbone starts fresh, as in the baseline).
     """
 
     def __init__(
@@ -77,6 +83,7 @@ class CTRModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         init_from: str | None = None,
+        init_keep: Literal["tower", "embeddings"] = "tower",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -89,7 +96,7 @@ class CTRModule(pl.LightningModule):
         # Only when fitting: test/predict load a stage-2 checkpoint, and a resumed fit's checkpoint is
         # restored after this hook, so it overrides the aligned start as it should.
         if stage == "fit" and self.hparams.init_from:
-            load_aligned_tower(self.hparams.init_from, self.model.tower, self.spec)
+            load_aligned_tower(self.hparams.init_from, self.model.tower, self.spec, self.hparams.init_keep)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resumed_checkpoint(checkpoint, 2, self.hparams.feature_spec)

@@ -59,6 +59,30 @@ def test_init_from_changes_the_starting_tower(small_run):
         torch.testing.assert_close(value, ckpt["state_dict"][f"tower.{name}"])
 
 
+def test_init_keep_embeddings_takes_only_the_field_embeddings(small_run):
+    from finetune.module import load_aligned_tower
+    from tabular2text.schema import FeatureSpec
+    from towers import DCN
+
+    align_ckpt = next((small_run / "out" / "align").rglob("best.ckpt"))
+    ckpt = torch.load(align_ckpt, map_location="cpu", weights_only=True)
+    spec = FeatureSpec.from_dict(ckpt["hyper_parameters"]["feature_spec"])
+    torch.manual_seed(0)
+    fresh = DCN(spec, embed_dim=8, mlp_dims=[32, 16]).state_dict()
+    torch.manual_seed(0)
+    tower = DCN(spec, embed_dim=8, mlp_dims=[32, 16])
+    load_aligned_tower(align_ckpt, tower, spec, keep="embeddings")
+    names = tower.state_dict().keys()
+    assert any(n.startswith("embedding.") for n in names) and any(not n.startswith("embedding.") for n in names)
+    for name, value in tower.state_dict().items():
+        if name.startswith("embedding."):
+            torch.testing.assert_close(value, ckpt["state_dict"][f"tower.{name}"])
+        else:  # the backbone keeps its fresh initialisation
+            assert torch.equal(value, fresh[name]), name
+    aligned_backbone = [n for n in names if not n.startswith("embedding.") and n.endswith("weight")]
+    assert any(not torch.equal(fresh[n], ckpt["state_dict"][f"tower.{n}"]) for n in aligned_backbone)
+
+
 def test_stage2_checkpoint_given_as_init_from_is_refused(small_run):
     from finetune.module import load_aligned_tower
     from tabular2text.schema import FeatureSpec
