@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic feature spec and batches that follow the batch convention."""
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +76,21 @@ def bert_dir(tmp_path_factory):
     return str(folder)
 
 
-def wandb_records(run_file: Path):
-    """The protobuf records of an offline `.wandb` file: a ':W&B' header, then a leveldb-style log of
-    32 KiB blocks whose chunks carry a 7-byte header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+def wandb_records(run_file: Path, timeout: float = 60.0) -> list:
+    """The protobuf records of a finished offline `.wandb` run file. wandb's service process may still be
+    writing the file when `wandb.finish()` returns, so this rereads it until the run's last record, `exit`,
+    is there (seen in CI: the history records were missing on the first read)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(parse_wandb_file(run_file))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def parse_wandb_file(run_file: Path):
+    """The protobuf records in a `.wandb` file: a ':W&B' header, then a leveldb-style log of 32 KiB
+    blocks whose chunks carry a 7-byte header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last)."""
     from wandb.proto import wandb_internal_pb2
 
     data = run_file.read_bytes()
@@ -89,6 +102,8 @@ def wandb_records(run_file: Path):
             pos += left
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == 0:  # zero padding to the end of the block
