@@ -55,7 +55,7 @@ from tabular2text.templates import Rendered
 from towers.collaborative import CTRModel
 from towers.language import LanguageTower
 from towers.mlp import MLP
-from towers.text_cache import cached_text_embeddings, encode_texts
+from towers.text_cache import FrozenEncoder, TextVectorCache
 
 SEED = 0
 BACKBONES = ("wide_deep", "deepfm", "dcn", "autoint")
@@ -127,7 +127,7 @@ def train_semantic_head(vectors: dict[str, torch.Tensor], labels: dict[str, torc
     return head, {"auc": result["test/auc"], "logloss": result["test/logloss"], "epochs": trainer.current_epoch}
 
 
-def semantic_scorer(tower: LanguageTower, head: SemanticHead, table, datamodule: CTRDataModule
+def semantic_scorer(encoder: FrozenEncoder, head: SemanticHead, table, datamodule: CTRDataModule
                     ) -> Callable[[pd.DataFrame], np.ndarray]:
     """Raw rows -> click probabilities: render to text, encode with the frozen tower, apply the head."""
     spec, template = datamodule.feature_spec, datamodule.hparams.template
@@ -135,8 +135,7 @@ def semantic_scorer(tower: LanguageTower, head: SemanticHead, table, datamodule:
     def score(rows: pd.DataFrame) -> np.ndarray:
         texts, item_starts = render_texts(rows, table, spec, template)
         rendered = [Rendered(t, s) for t, s in zip(texts, item_starts, strict=True)]
-        vectors = encode_texts(tower, [r.user_text for r in rendered], [r.item_text for r in rendered],
-                               progress=False)
+        vectors = encoder.encode([r.user_text for r in rendered], [r.item_text for r in rendered])
         with torch.inference_mode():
             return torch.sigmoid(head(vectors)).numpy()
 
@@ -235,14 +234,16 @@ def main(argv: list[str] | None = None) -> None:
     # (b) the semantic baseline: vectors from the cache (test encoded once), head trained on train
     datamodule = CTRDataModule(args.data_dir)
     tower = LanguageTower("default", "mean", 0, 128)
+    encoder, cache = FrozenEncoder(tower, precision="fp32"), TextVectorCache(args.text_cache_dir)
     vectors, split_labels, encode_seconds = {}, {}, {}
     for split in ("train", "val", "test"):
         start = time.perf_counter()
-        vectors[split] = cached_text_embeddings(tower, *datamodule.texts(split), args.text_cache_dir, bf16=False)
+        distinct_vectors, index = cache.vectors(encoder, *datamodule.texts(split))
+        vectors[split] = torch.from_numpy(distinct_vectors[index])
         encode_seconds[split] = time.perf_counter() - start
         split_labels[split] = torch.tensor(datamodule.frame(split)["label"].to_numpy(), dtype=torch.float32)
     head, semantic = train_semantic_head(vectors, split_labels, str(run_dir / "semantic"))
-    score_text = semantic_scorer(tower, head, table, datamodule)
+    score_text = semantic_scorer(encoder, head, table, datamodule)
     pick = np.sort(torch.randperm(len(raw_test), generator=torch.Generator().manual_seed(SEED))[
         :args.semantic_rows].numpy())
     sample = raw_test.iloc[pick]

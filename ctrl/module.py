@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
 from tabular2text.schema import FeatureSpec
 from towers.collaborative import CollaborativeTower
 from towers.language import LanguageTower, Pooling, model_config
-from towers.text_cache import cached_text_embeddings
+from towers.text_cache import FrozenEncoder, Precision, TextVectorCache
 
 Batch = dict[str, Tensor]
 WARMUP_START_LR = 1e-5  # the paper warms the learning rate up from here
@@ -37,10 +38,11 @@ class AlignmentModule(pl.LightningModule):
     """Collaborative tower + language tower, each with a linear projection into a shared space and M linear
     sub-space maps of that projection, trained with coarse_weight * coarse + fine_weight * fine.
 
-    A frozen language tower (trainable_layers=0) is only run once, before training: its pooled vectors of
-    the train and val texts are cached on disk and held in memory as plain tensors, not buffers, so neither
-    the language model nor its vectors are in the checkpoint, and DDP does not broadcast the (N x H) tables
-    before every forward pass as it does buffers. A trainable one reads the batch's texts at every step.
+    A frozen language tower (trainable_layers=0) is only run once, in `setup`, on the trainer's device (every
+    DDP rank encodes its share of the distinct texts): its pooled vectors of the train and val texts are
+    cached on disk and read memory-mapped, as plain arrays, not buffers, so neither the language model nor
+    its vectors are in the checkpoint, and DDP does not broadcast the (N x H) tables before every forward
+    pass as it does buffers. A trainable one reads the batch's texts at every step.
 
     Logs `train/{loss,coarse,fine}` and, over each validation epoch, `val/{loss,coarse,fine}` and
     `val/retrieval_top1`: how often a text's highest-scoring row in the batch is its own row, scored by the
@@ -55,8 +57,9 @@ class AlignmentModule(pl.LightningModule):
         trainable_layers: top language blocks that train; 0 freezes the tower, "all" trains all of it.
         max_length: tokens per text.
         text_cache_dir: where a frozen tower's vectors are cached (default: the data cache's text-vectors).
-        text_bf16: encode a frozen tower's texts under bf16 autocast (faster on CPUs with bf16 support; the
-            cosine to fp32 vectors measured >= 0.9999, see benchmarks/encode_speed.md).
+        text_precision: weights of the frozen tower while it encodes: "auto" (bf16 on a device with native
+            bf16, a GPU or a CPU with AMX / AVX512-BF16, else fp32), "fp32" or "bf16". bf16 measured about 3x
+            fp32 on a 2-core AMX CPU at cosine >= 0.9999 to the fp32 vectors (benchmarks/encode_speed.md).
         proj_dim: width of the shared space.
         num_subspaces: M, sub-spaces per side for the fine-grained loss.
         subspace_dim: width of each sub-space.
@@ -77,7 +80,7 @@ class AlignmentModule(pl.LightningModule):
         trainable_layers: int | Literal["all"] = 0,
         max_length: int = 128,
         text_cache_dir: str | None = None,
-        text_bf16: bool = False,
+        text_precision: Precision = "auto",
         proj_dim: int = 128,
         num_subspaces: int = 4,
         subspace_dim: int = 32,
@@ -92,7 +95,7 @@ class AlignmentModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.tower = backbone(FeatureSpec.from_dict(feature_spec))
         if trainable_layers == 0:
-            # Built only in prepare_data/setup to fill the cache; its width is all the projection needs now.
+            # Built only in setup to fill the cache; its width is all the projection needs now.
             self.language = None
             text_dim = model_config(language_model).hidden_size
         else:
@@ -105,25 +108,25 @@ class AlignmentModule(pl.LightningModule):
         self.text_subspaces = nn.Linear(proj_dim, num_subspaces * subspace_dim)
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "coarse", "fine", "retrieval_top1")})
         self.texts: dict[str, tuple[list[str], list[str]]] = {}  # trainable language tower: split -> texts
-        self.frozen_text_vectors: dict[str, Tensor] = {}  # frozen language tower: split -> N x H, on the CPU
+        # frozen language tower: split -> (D x H distinct texts' vectors, memory-mapped; per row, its text's index)
+        self.frozen_text_vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resumed_checkpoint(checkpoint, 1, self.hparams.feature_spec)
 
     # --- text side ---------------------------------------------------------------------------------------
-    def _cached_text_vectors(self, splits: tuple[str, ...]) -> dict[str, Tensor]:
-        """N x H pooled vectors per split from the on-disk cache (encoded on the first call)."""
-        hp = self.hparams
+    def _cached_text_vectors(self, splits: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per split, the distinct texts' vectors from the on-disk cache (encoded where missing) and each
+        row's index into them. The tower is loaded and fingerprinted once, on the trainer's device."""
+        hp, trainer = self.hparams, self.trainer
+        cache = TextVectorCache(hp.text_cache_dir or default_cache_dir() / "text-vectors")
+        if not splits:
+            return {}
         tower = LanguageTower(hp.language_model, hp.pooling, 0, hp.max_length)
-        cache_dir = hp.text_cache_dir or default_cache_dir() / "text-vectors"
-        datamodule = self.trainer.datamodule
-        return {split: cached_text_embeddings(tower, *datamodule.texts(split), cache_dir, bf16=hp.text_bf16)
+        encoder = FrozenEncoder(tower, trainer.strategy.root_device, hp.text_precision)
+        return {split: cache.vectors(encoder, *trainer.datamodule.texts(split), rank=trainer.global_rank,
+                                     world_size=trainer.world_size, barrier=trainer.strategy.barrier)
                 for split in splits}
-
-    def prepare_data(self) -> None:
-        # Runs on one process per node before setup(): the texts are encoded once, not once per rank.
-        if self.language is None:
-            self._cached_text_vectors(STAGE_SPLITS.get(self.trainer.state.fn, ()))
 
     def setup(self, stage: str) -> None:
         splits = STAGE_SPLITS.get(stage, ())
@@ -135,7 +138,8 @@ class AlignmentModule(pl.LightningModule):
     def text_vectors(self, rows: Tensor, split: str) -> Tensor:
         """B x H pooled language-tower vectors of the rows `batch["row"]` of `split`."""
         if self.language is None:
-            return self.frozen_text_vectors[split][rows.cpu()].to(self.device)
+            vectors, index = self.frozen_text_vectors[split]
+            return torch.from_numpy(vectors[index[rows.cpu().numpy()]]).to(self.device)
         first, second = self.texts[split]
         index = rows.tolist()
         tokens = self.language.tokenize([first[i] for i in index], [second[i] for i in index])

@@ -4,6 +4,7 @@ warm-up, a short fit that aligns, and 2-process DDP (gloo) equal to one process 
 import copy
 from functools import partial
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -68,9 +69,10 @@ def test_fast_dev_run_frozen_language_tower_logs_losses_and_retrieval(bert_dir, 
         assert torch.isfinite(metrics[name]), name
     torch.testing.assert_close(metrics["train/loss"], metrics["train/coarse"] + metrics["train/fine"])
     assert 0.0 <= metrics["val/retrieval_top1"] <= 1.0
-    # encoded once (prepare_data), read back in setup; train and val hold the same texts here: one file
-    assert module.language is None and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
-    assert module.frozen_text_vectors["train"].shape == (16, 16)
+    # encoded once in setup; train and val hold the same texts here: one cache entry, read memory-mapped
+    assert module.language is None and len(list((tmp_path / "cache").iterdir())) == 1
+    vectors, index = module.frozen_text_vectors["train"]
+    assert isinstance(vectors, np.memmap) and vectors.shape == (16, 16) and index.shape == (16,)
 
 
 def test_trainable_top_layer_trains_only_that_layer(bert_dir, tmp_path):

@@ -1,13 +1,18 @@
 """Language tower and text-vector cache: tiny random BERT / GPT-2 models built offline, plus one real MiniLM check."""
 
+import os
+
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import BertConfig, BertModel, BertTokenizer, GPT2Config, GPT2Model, GPT2Tokenizer
 
 import towers.text_cache as text_cache
 from towers.language import LanguageTower, pool
-from towers.text_cache import cached_text_embeddings, encode_texts
+from towers.text_cache import FrozenEncoder, TextVectorCache, native_bf16, resolve_precision, shard_bounds, texts_key
 
 WORDS = ["this", "is", "a", "user", "movie", "gender", "female", "male", "age", "occupation", "doctor", "who", "has",
          "recently", "watched", "titanic", "avatar", "title", "the", "terminator", "genre", "sci", "fi", "comedy",
@@ -128,88 +133,148 @@ def test_missing_model_and_non_model_folder_errors(tmp_path):
         LanguageTower(str(tmp_path))
 
 
-def test_encode_texts_restores_input_order(bert_dir):
-    tower = LanguageTower(str(bert_dir))
-    first = ["this is a user.", USER, "this is a user, age is doctor."]
-    second = ["this is a movie.", ITEM, "this is a movie, title is avatar."]
-    vectors = encode_texts(tower, first, second, batch_size=2, progress=False)
+def encoder(bert_dir, **options) -> FrozenEncoder:
+    return FrozenEncoder(LanguageTower(str(bert_dir)), "cpu", options.pop("precision", "fp32"), **options)
+
+
+def test_encoder_restores_input_order_across_chunks_and_batches(bert_dir):
+    first = ["this is a user.", USER, "this is a user, age is doctor.", USER, "this is a user, gender is male."]
+    second = ["this is a movie.", ITEM, "this is a movie, title is avatar.", "this is a movie.", ITEM]
+    # chunks of 2 texts, batches of 2, padding to a multiple of 8 tokens: every path of the streaming loop
+    vectors = encoder(bert_dir, batch_size=2, chunk_size=2, pad_multiple=8).encode(first, second)
+    tower = LanguageTower(str(bert_dir)).eval()
     with torch.no_grad():
-        one_by_one = torch.cat([tower.eval()(**tower.tokenize([a], [b])) for a, b in zip(first, second, strict=True)])
+        one_by_one = torch.cat([tower(**tower.tokenize([a], [b])) for a, b in zip(first, second, strict=True)])
     torch.testing.assert_close(vectors, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_weights_stay_close_to_fp32_and_auto_follows_the_device(bert_dir):
+    texts = [USER, "this is a user, age is doctor.", ITEM]
+    fp32 = encoder(bert_dir).encode(texts)
+    bf16 = encoder(bert_dir, precision="bf16")
+    assert next(bf16.tower.parameters()).dtype == torch.bfloat16 and bf16.precision == "bf16"
+    assert torch.nn.functional.cosine_similarity(bf16.encode(texts), fp32).min() > 0.99
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        resolve_precision("int4", torch.device("cpu"))
+
+
+def test_encoder_is_fingerprinted_once_in_fp32_and_refuses_a_trainable_tower(bert_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(text_cache, "model_fingerprint", lambda t: calls.append(t) or "m")
+    enc = encoder(bert_dir, precision="bf16")
+    enc.encode([USER]), enc.encode([ITEM])
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="frozen"):
+        FrozenEncoder(LanguageTower(str(bert_dir), trainable_layers=1))
 
 
 @pytest.fixture
 def count_encoded(monkeypatch):
-    """Counts the texts passed to `encode_texts` by the cache."""
+    """Counts the texts the cache hands to `FrozenEncoder.encode_into`."""
     encoded: list[str] = []
+    original = FrozenEncoder.encode_into
 
-    def counting(tower, first, second, *args):
+    def counting(self, out, first, second=None, progress=True):
         encoded.extend(first)
-        return encode_texts(tower, first, second, *args)
+        return original(self, out, first, second, progress)
 
-    monkeypatch.setattr(text_cache, "encode_texts", counting)
+    monkeypatch.setattr(FrozenEncoder, "encode_into", counting)
     return encoded
 
 
-def test_cache_encodes_duplicates_once_and_reloads_without_encoding(bert_dir, tmp_path, count_encoded):
+def test_cache_encodes_duplicates_once_and_reloads_memory_mapped_without_encoding(bert_dir, tmp_path, count_encoded):
     first = ["this is a user.", USER, "this is a user.", USER]
     second = ["this is a movie.", ITEM, "this is a movie.", "this is a movie."]
-    vectors = cached_text_embeddings(LanguageTower(str(bert_dir)), first, second, tmp_path, progress=False)
-    assert len(count_encoded) == 3 and vectors.shape == (4, 16)
-    torch.testing.assert_close(vectors[2], vectors[0])
-    again = cached_text_embeddings(LanguageTower(str(bert_dir)), first, second, tmp_path, progress=False)
+    vectors, index = TextVectorCache(tmp_path).vectors(encoder(bert_dir), first, second, progress=False)
+    assert len(count_encoded) == 3 and vectors.shape == (3, 16)
+    assert index[0] == index[2] and len(set(index.tolist())) == 3
+    again, _ = TextVectorCache(tmp_path).vectors(encoder(bert_dir), first, second, progress=False)
     assert len(count_encoded) == 3  # a fresh tower of the same model hits the cache
-    assert torch.equal(again, vectors)
+    assert isinstance(again, np.memmap) and np.array_equal(again, vectors)
+    expected = encoder(bert_dir).encode(first, second)
+    torch.testing.assert_close(torch.from_numpy(vectors[index]), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_cache_key_changes_with_text_pooling_max_length_weights_and_bf16(bert_dir):
-    tower = LanguageTower(str(bert_dir))
+def test_cache_key_changes_with_text_pooling_max_length_weights_and_precision(bert_dir):
     texts = [("this is a user.", "this is a movie.")]
-    key = text_cache.cache_key(tower, texts, pairs=True, bf16=False)
-    encode_texts(tower, ["this is a user, age is doctor."], progress=False)  # tokenizer calls leave no trace
-    assert text_cache.cache_key(tower, texts, pairs=True, bf16=False) == key
-    assert text_cache.cache_key(LanguageTower(str(bert_dir)), texts, pairs=True, bf16=False) == key
-    assert text_cache.cache_key(tower, [("this is a user.", "this is a movie!")], pairs=True, bf16=False) != key
-    assert text_cache.cache_key(tower, texts, pairs=True, bf16=True) != key
-    assert text_cache.cache_key(LanguageTower(str(bert_dir), pooling="cls"), texts, True, False) != key
-    assert text_cache.cache_key(LanguageTower(str(bert_dir), max_length=32), texts, True, False) != key
+    tower = LanguageTower(str(bert_dir))
+    key = texts_key(FrozenEncoder(tower, precision="fp32").fingerprint, texts, pairs=True)
+    tower.tokenize(["this is a user, age is doctor."])  # tokenizer calls leave no trace
+    assert texts_key(FrozenEncoder(tower, precision="fp32").fingerprint, texts, True) == key
+    assert texts_key(encoder(bert_dir).fingerprint, texts, True) == key
+    assert texts_key(encoder(bert_dir).fingerprint, [("this is a user.", "this is a movie!")], True) != key
+    assert texts_key(encoder(bert_dir, precision="bf16").fingerprint, texts, True) != key
+    assert texts_key(FrozenEncoder(LanguageTower(str(bert_dir), pooling="cls"), precision="fp32").fingerprint,
+                     texts, True) != key
+    assert texts_key(FrozenEncoder(LanguageTower(str(bert_dir), max_length=32), precision="fp32").fingerprint,
+                     texts, True) != key
     with torch.no_grad():
         tower.transformer_blocks()[1].output.dense.bias[0] += 1e-3
-    assert text_cache.cache_key(tower, texts, pairs=True, bf16=False) != key
+    assert texts_key(FrozenEncoder(tower, precision="fp32").fingerprint, texts, True) != key
 
 
-def test_damaged_cache_file_is_reported_and_rebuilt(bert_dir, tmp_path, count_encoded):
-    tower = LanguageTower(str(bert_dir))
+def test_damaged_cache_entry_is_reported_and_rebuilt(bert_dir, tmp_path, count_encoded):
+    enc = encoder(bert_dir)
     first, second = ["this is a user.", USER], ["this is a movie.", ITEM]
-    vectors = cached_text_embeddings(tower, first, second, tmp_path, progress=False)
-    (path,) = tmp_path.glob("*.safetensors")
+    vectors = np.array(TextVectorCache(tmp_path).vectors(enc, first, second, progress=False)[0])
+    (path,) = tmp_path.glob("*/vectors.npy")
     path.write_bytes(path.read_bytes()[:-20])  # truncated
-    with pytest.warns(UserWarning, match=path.name):
-        rebuilt = cached_text_embeddings(tower, first, second, tmp_path, progress=False)
-    torch.testing.assert_close(rebuilt, vectors)
+    with pytest.warns(UserWarning, match=path.parent.name):
+        rebuilt, _ = TextVectorCache(tmp_path).vectors(enc, first, second, progress=False)
+    np.testing.assert_array_equal(rebuilt, vectors)
     assert len(count_encoded) == 4
     corrupted = bytearray(path.read_bytes())
     corrupted[-5] ^= 0xFF  # a flipped bit inside the vectors
     path.write_bytes(bytes(corrupted))
     with pytest.warns(UserWarning, match="checksum"):
-        cached_text_embeddings(tower, first, second, tmp_path, progress=False)
+        TextVectorCache(tmp_path).vectors(enc, first, second, progress=False)
     assert len(count_encoded) == 6
-    torch.testing.assert_close(cached_text_embeddings(tower, first, second, tmp_path, progress=False), vectors)
-    assert len(count_encoded) == 6 and not list(tmp_path.glob(".*.tmp"))
+    (path.parent / "meta.json").unlink()
+    with pytest.warns(UserWarning, match="cannot be read"):
+        again, _ = TextVectorCache(tmp_path).vectors(enc, first, second, progress=False)
+    np.testing.assert_array_equal(again, vectors)
+    assert len(count_encoded) == 8 and sorted(p.name for p in tmp_path.iterdir()) == [path.parent.name]
 
 
-def test_cache_refuses_a_trainable_tower(bert_dir, tmp_path):
-    with pytest.raises(ValueError, match="frozen"):
-        cached_text_embeddings(LanguageTower(str(bert_dir), trainable_layers=1), ["a"], None, tmp_path)
+def encode_shard(rank: int, port: int, bert_dir: str, cache_dir: str, texts: list[str]) -> None:
+    """One of two gloo processes building the cache together."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        TextVectorCache(cache_dir).build(encoder(bert_dir), texts, pairs=False, rank=rank, world_size=2,
+                                         barrier=dist.barrier, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_each_encode_half_and_build_the_one_process_cache(bert_dir, tmp_path, count_encoded):
+    texts = sorted({f"this is a user, age is {a}, who has recently watched {w}." for a in ("doctor", "female", "male")
+                    for w in ("titanic", "avatar", "titanic|avatar", "the terminator")})
+    single = np.array(TextVectorCache(tmp_path / "one").build(encoder(bert_dir), texts, pairs=False, progress=False))
+    port = 29400 + os.getpid() % 1000
+    mp.spawn(encode_shard, args=(port, str(bert_dir), str(tmp_path / "two"), texts), nprocs=2)
+    (entry,) = (tmp_path / "two").iterdir()  # one entry, no shard folder left over
+    shared = np.load(entry / "vectors.npy")
+    cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(shared), torch.from_numpy(single))
+    assert shared.shape == single.shape and cosine.min() >= 0.99999
+    assert entry.name == next((tmp_path / "one").iterdir()).name  # the same key: either run's cache serves both
+
+
+def test_shard_bounds_cover_every_text_once():
+    for n, world in ((10, 3), (2, 4), (0, 2), (7, 1)):
+        bounds = [shard_bounds(n, r, world) for r in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
 
 
 @pytest.mark.slow
 def test_real_minilm_scores_related_sentences_closer():
     tower = LanguageTower()
-    vectors = encode_texts(tower, ["This is a movie, title is Toy Story, genre is Animation|Children's|Comedy.",
+    vectors = FrozenEncoder(tower).encode(["This is a movie, title is Toy Story, genre is Animation|Children's|Comedy.",
                                    "This is a movie, title is Aladdin, genre is Animation|Children's|Musical.",
                                    "The quarterly tax report is due to the revenue office on Friday."],
-                           progress=False)
+                                          )
     cosine = torch.nn.functional.cosine_similarity
     assert tower.output_dim == 384
     assert cosine(vectors[0], vectors[1], dim=0) > cosine(vectors[0], vectors[2], dim=0) + 0.2
