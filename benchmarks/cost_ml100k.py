@@ -51,7 +51,6 @@ from ctrl.data.prepare import default_cache_dir, labelled_splits, render_texts
 from ctrl.data.sources import read_table
 from ctrl.pipeline import finish_wandb, run
 from finetune.export import Scorer, encode_rows, load_model
-from tabular2text.templates import Rendered
 from towers.collaborative import CTRModel
 from towers.language import LanguageTower
 from towers.mlp import MLP
@@ -133,9 +132,8 @@ def semantic_scorer(encoder: FrozenEncoder, head: SemanticHead, table, datamodul
     spec, template = datamodule.feature_spec, datamodule.hparams.template
 
     def score(rows: pd.DataFrame) -> np.ndarray:
-        texts, item_starts = render_texts(rows, table, spec, template)
-        rendered = [Rendered(t, s) for t, s in zip(texts, item_starts, strict=True)]
-        vectors = encoder.encode([r.user_text for r in rendered], [r.item_text for r in rendered])
+        texts = render_texts(rows, table, spec, template)
+        vectors = encoder.encode(texts["user_text"].tolist(), texts["item_text"].tolist())
         with torch.inference_mode():
             return torch.sigmoid(head(vectors)).numpy()
 
@@ -248,9 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         :args.semantic_rows].numpy())
     sample = raw_test.iloc[pick]
     first, second = datamodule.texts("test")
-    texts, item_starts = render_texts(sample, table, datamodule.feature_spec, datamodule.hparams.template)
-    rendered = [Rendered(t, s) for t, s in zip(texts, item_starts, strict=True)]
-    if [r.user_text for r in rendered] != [first[i] for i in pick] or [r.item_text for r in rendered] != [
+    texts = render_texts(sample, table, datamodule.feature_spec, datamodule.hparams.template)
+    if texts["user_text"].tolist() != [first[i] for i in pick] or texts["item_text"].tolist() != [
             second[i] for i in pick]:
         raise RuntimeError("rendering raw test rows does not reproduce the data module's texts")
 

@@ -49,8 +49,8 @@ def prepare(*, data_dir: str, download: bool = False, history_length: int = 10,
     for split in ("train", "val", "test"):
         labels = dm.frame(split)["label"]
         print(f"{split:<6} {len(labels):>8} {labels.mean():>14.4f}")
-    for text in dm.frame("train")["text"].head(show):
-        print(f"\n{text}")
+    for user, item in zip(*(texts[:show] for texts in dm.texts("train")), strict=True):
+        print(f"\n{user} {item}")
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):

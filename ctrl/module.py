@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 from ctrl.data.prepare import default_cache_dir
 from ctrl.guards import check_resumed_checkpoint, require_finite
 from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
-from tabular2text.schema import FeatureSpec
+from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower
 from towers.language import LanguageTower, Pooling, model_config
 from towers.text_cache import FrozenEncoder, Precision, TextVectorCache
@@ -60,6 +60,10 @@ class AlignmentModule(pl.LightningModule):
         text_precision: weights of the frozen tower while it encodes: "auto" (bf16 on a device with native
             bf16, a GPU or a CPU with AMX / AVX512-BF16, else fp32), "fp32" or "bf16". bf16 measured about 3x
             fp32 on a 2-core AMX CPU at cosine >= 0.9999 to the fp32 vectors (benchmarks/encode_speed.md).
+        text_granularity: what the language tower reads. "row" (the paper's): each row's (user sentence,
+            item sentence) pair, one text per row. "entity" (as DisCo and KAR do): each user's sentence without
+            the behavior sequence and each item's sentence, encoded once per entity; a row's text vector is
+            [user vector, item vector, mean of its history items' vectors] (3H wide). Frozen tower only.
         proj_dim: width of the shared space.
         num_subspaces: M, sub-spaces per side for the fine-grained loss.
         subspace_dim: width of each sub-space.
@@ -81,6 +85,7 @@ class AlignmentModule(pl.LightningModule):
         max_length: int = 128,
         text_cache_dir: str | None = None,
         text_precision: Precision = "auto",
+        text_granularity: Literal["row", "entity"] = "row",
         proj_dim: int = 128,
         num_subspaces: int = 4,
         subspace_dim: int = 32,
@@ -93,11 +98,23 @@ class AlignmentModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
-        self.tower = backbone(FeatureSpec.from_dict(feature_spec))
+        spec = FeatureSpec.from_dict(feature_spec)
+        self.tower = backbone(spec)
+        if text_granularity not in ("row", "entity"):
+            raise ValueError(f"unknown text_granularity {text_granularity!r}; use row or entity")
+        if text_granularity == "entity" and trainable_layers != 0:
+            raise ValueError("text_granularity entity encodes each entity once and needs a frozen language tower;"
+                             " use trainable_layers 0 or text_granularity row")
+        if text_granularity == "entity" and spec.item_field is None:
+            raise ValueError("text_granularity entity needs an item id field in the data; use text_granularity row")
+        # entity text: the behavior sequence whose items' vectors are pooled (the first sequence field)
+        self.history_field = next((f.name for f in spec.fields if f.kind == "sequence"), None)
         if trainable_layers == 0:
             # Built only in setup to fill the cache; its width is all the projection needs now.
             self.language = None
             text_dim = model_config(language_model).hidden_size
+            if text_granularity == "entity":
+                text_dim *= 3 if self.history_field else 2
         else:
             # train(): from_pretrained returns eval mode, which Lightning keeps, and dropout would stay off.
             self.language = LanguageTower(language_model, pooling, trainable_layers, max_length).train()
@@ -108,24 +125,40 @@ class AlignmentModule(pl.LightningModule):
         self.text_subspaces = nn.Linear(proj_dim, num_subspaces * subspace_dim)
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "coarse", "fine", "retrieval_top1")})
         self.texts: dict[str, tuple[list[str], list[str]]] = {}  # trainable language tower: split -> texts
-        # frozen language tower: split -> (D x H distinct texts' vectors, memory-mapped; per row, its text's index)
-        self.frozen_text_vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # frozen language tower: split -> part ("row"; entity: "user", "item") -> (D x H vectors of the distinct
+        # texts, memory-mapped; per row, its text's index); entity: item id -> H, the history items' vectors
+        self.frozen_text_vectors: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.item_vectors: Tensor | None = None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resumed_checkpoint(checkpoint, 1, self.hparams.feature_spec)
 
     # --- text side ---------------------------------------------------------------------------------------
-    def _cached_text_vectors(self, splits: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Per split, the distinct texts' vectors from the on-disk cache (encoded where missing) and each
-        row's index into them. The tower is loaded and fingerprinted once, on the trainer's device."""
+    def _cached_text_vectors(self, splits: tuple[str, ...]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """Per split and text part, the distinct texts' vectors from the on-disk cache (encoded where missing)
+        and each row's index into them. The tower is loaded and fingerprinted once, on the trainer's device;
+        under DDP every rank encodes its share."""
         hp, trainer = self.hparams, self.trainer
-        cache = TextVectorCache(hp.text_cache_dir or default_cache_dir() / "text-vectors")
         if not splits:
             return {}
-        tower = LanguageTower(hp.language_model, hp.pooling, 0, hp.max_length)
-        encoder = FrozenEncoder(tower, trainer.strategy.root_device, hp.text_precision)
-        return {split: cache.vectors(encoder, *trainer.datamodule.texts(split), rank=trainer.global_rank,
-                                     world_size=trainer.world_size, barrier=trainer.strategy.barrier)
+        cache = TextVectorCache(hp.text_cache_dir or default_cache_dir() / "text-vectors")
+        encoder = FrozenEncoder(LanguageTower(hp.language_model, hp.pooling, 0, hp.max_length),
+                                trainer.strategy.root_device, hp.text_precision)
+
+        def vectors(first: list[str], second: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+            return cache.vectors(encoder, first, second, rank=trainer.global_rank, world_size=trainer.world_size,
+                                 barrier=trainer.strategy.barrier)
+
+        data = trainer.datamodule
+        if hp.text_granularity == "row":
+            return {split: {"row": vectors(*data.texts(split))} for split in splits}
+        ids, texts = data.item_catalog()
+        catalog, index = vectors(texts)
+        spec = FeatureSpec.from_dict(hp.feature_spec)
+        item_vectors = torch.zeros(spec[spec.item_field].vocab_size, encoder.output_dim)
+        item_vectors[torch.from_numpy(ids)] = torch.from_numpy(catalog[index])
+        self.item_vectors = item_vectors  # PAD and unseen ids: zero vectors, left out of the history mean
+        return {split: {"user": vectors(data.profile_texts(split)), "item": vectors(data.texts(split)[1])}
                 for split in splits}
 
     def setup(self, stage: str) -> None:
@@ -135,14 +168,20 @@ class AlignmentModule(pl.LightningModule):
         else:
             self.texts = {split: self.trainer.datamodule.texts(split) for split in splits}
 
-    def text_vectors(self, rows: Tensor, split: str) -> Tensor:
-        """B x H pooled language-tower vectors of the rows `batch["row"]` of `split`."""
+    def text_vectors(self, batch: Batch, split: str) -> Tensor:
+        """B x text_dim language-tower vectors of the batch's rows (`batch["row"]` of `split`)."""
+        rows = batch["row"].cpu().numpy()
         if self.language is None:
-            vectors, index = self.frozen_text_vectors[split]
-            return torch.from_numpy(vectors[index[rows.cpu().numpy()]]).to(self.device)
+            parts = [torch.from_numpy(vectors[index[rows]]) for vectors, index in
+                     self.frozen_text_vectors[split].values()]
+            if self.hparams.text_granularity == "entity" and self.history_field:
+                history = batch[self.history_field].cpu()  # B x L item ids, 0-padded
+                mask = (history > OOV).unsqueeze(-1).float()
+                pooled = (self.item_vectors[history] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+                parts.append(pooled)
+            return torch.cat(parts, dim=-1).to(self.device)
         first, second = self.texts[split]
-        index = rows.tolist()
-        tokens = self.language.tokenize([first[i] for i in index], [second[i] for i in index])
+        tokens = self.language.tokenize([first[i] for i in rows], [second[i] for i in rows])
         return self.language(**tokens.to(self.device))
 
     # --- alignment ---------------------------------------------------------------------------------------
@@ -150,7 +189,7 @@ class AlignmentModule(pl.LightningModule):
         """Shared-space vectors (B x proj_dim) and sub-space vectors (B x M x subspace_dim), table then text."""
         hp = self.hparams
         tab = self.tab_proj(self.tower(batch))
-        text = self.text_proj(self.text_vectors(batch["row"], split))
+        text = self.text_proj(self.text_vectors(batch, split))
         sub_tab = self.tab_subspaces(tab).view(len(tab), hp.num_subspaces, hp.subspace_dim)
         sub_text = self.text_subspaces(text).view(len(text), hp.num_subspaces, hp.subspace_dim)
         return tab, text, sub_tab, sub_text

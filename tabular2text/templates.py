@@ -162,6 +162,28 @@ class TextRenderer:
             text += phrase
         return text
 
+    def profile_sentence(self, row: Mapping[str, object]) -> str:
+        """The user sentence without its behavior sequence(s) and not yet closed (see `close_user`)."""
+        return self._sentence(self.templates.user_intro, [f for f in self.user_fields if f.kind != "sequence"], row,
+                              0, {})
+
+    def close_user(self, sentence: str) -> str:
+        """A user sentence as `Rendered.user_text` holds it: ended by the side separator's stripped form."""
+        return (sentence + self.templates.side_sep).rstrip()
+
+    def item_sentence(self, row: Mapping[str, object]) -> str:
+        """The item sentence as `render` ends the text with it (closed by the side separator's stripped form)."""
+        t = self.templates
+        return self._sentence(t.item_intro.format(item_noun=self.item_noun), self.item_fields, row, 0, {}) + \
+            t.side_sep.rstrip()
+
+    def with_behavior(self, profile: str, histories: Mapping[str, Sequence[object]]) -> str:
+        """An unclosed `profile` extended by the behavior phrase of each sequence field that has items."""
+        for f in self.user_fields:
+            if f.kind == "sequence" and not is_missing(histories.get(f.name)):
+                profile += self.templates.feature_sep + self._phrase(f, histories[f.name])
+        return profile
+
     def render(self, row: Mapping[str, object]) -> Rendered:
         """Render one row of raw values; a sequence value is the list of its items' display names."""
         t = self.templates

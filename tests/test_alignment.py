@@ -2,6 +2,7 @@
 warm-up, a short fit that aligns, and 2-process DDP (gloo) equal to one process on the same global batch."""
 
 import copy
+import dataclasses
 from functools import partial
 
 import numpy as np
@@ -15,9 +16,14 @@ from ctrl.data.datamodule import TensorDictDataset, keep_batch
 from ctrl.module import AlignmentModule
 from finetune.module import load_aligned_tower
 from towers import DeepFM
+from towers.language import LanguageTower
+from towers.text_cache import FrozenEncoder
 
 # No dropout or BatchNorm: they would make one process differ from two (BatchNorm sees each rank's half).
 TOWER = partial(DeepFM, embed_dim=8, mlp_dims=(16,), dropout=0.0, batch_norm=False)
+
+
+ENTITY_SPEC = dataclasses.replace(synthetic_spec(), user_field="user_id", item_field="item_id")
 
 
 class TextData(pl.LightningDataModule):
@@ -25,7 +31,7 @@ class TextData(pl.LightningDataModule):
 
     def __init__(self, rows: int = 16, batch_size: int = 8) -> None:
         super().__init__()
-        self.feature_spec = synthetic_spec()
+        self.feature_spec = ENTITY_SPEC
         self.rows = synthetic_batch(self.feature_spec, rows, seed=0)
         self.batch_size = batch_size
 
@@ -36,6 +42,13 @@ class TextData(pl.LightningDataModule):
         items = [f"this is a movie, title is {t}, genre is {'|'.join(map(str, gs))}."
                  for t, gs in zip(r["title"].tolist(), r["genres"].tolist(), strict=True)]
         return users, items
+
+    def profile_texts(self, split: str) -> list[str]:
+        return [f"this is a user, gender is {g}." for g in self.rows["gender"].tolist()]
+
+    def item_catalog(self) -> tuple[np.ndarray, list[str]]:
+        ids = np.arange(2, self.feature_spec["item_id"].vocab_size)
+        return ids, [f"this is a movie, title is {i}." for i in ids]
 
     def _loader(self) -> DataLoader:
         return DataLoader(TensorDictDataset(self.rows), batch_size=self.batch_size, collate_fn=keep_batch)
@@ -51,7 +64,7 @@ def make_module(bert_dir, cache_dir, cls=AlignmentModule, **overrides) -> Alignm
     torch.manual_seed(0)
     options = {"language_model": bert_dir, "text_cache_dir": str(cache_dir), "proj_dim": 16, "num_subspaces": 3,
                "subspace_dim": 4, "warmup_steps": 2, **overrides}
-    return cls(synthetic_spec().to_dict(), TOWER, **options)
+    return cls(ENTITY_SPEC.to_dict(), TOWER, **options)
 
 
 def trainer(**options) -> pl.Trainer:
@@ -71,8 +84,40 @@ def test_fast_dev_run_frozen_language_tower_logs_losses_and_retrieval(bert_dir, 
     assert 0.0 <= metrics["val/retrieval_top1"] <= 1.0
     # encoded once in setup; train and val hold the same texts here: one cache entry, read memory-mapped
     assert module.language is None and len(list((tmp_path / "cache").iterdir())) == 1
-    vectors, index = module.frozen_text_vectors["train"]
+    vectors, index = module.frozen_text_vectors["train"]["row"]
     assert isinstance(vectors, np.memmap) and vectors.shape == (16, 16) and index.shape == (16,)
+
+
+def test_entity_text_pools_user_item_and_history_item_vectors(bert_dir, tmp_path):
+    """text_granularity entity: one text per user profile and per item; a row's text vector is [user, item,
+    mean of its history items' catalog vectors], checked by hand on a batch."""
+    module = make_module(bert_dir, tmp_path / "cache", text_granularity="entity", text_precision="fp32")
+    assert module.text_proj.in_features == 3 * 16
+    data = TextData()
+    run = trainer(fast_dev_run=2)
+    run.fit(module, datamodule=data)
+    assert torch.isfinite(run.callback_metrics["train/loss"])
+    assert set(module.frozen_text_vectors["train"]) == {"user", "item"}
+    catalog = module.item_vectors
+    assert catalog.shape == (20, 16) and not catalog[:2].any() and catalog[2:].norm(dim=1).min() > 0
+    batch = data.rows
+    vectors = module.text_vectors(batch, "train")
+    encoder = FrozenEncoder(LanguageTower(str(bert_dir)), precision=module.hparams.text_precision)
+    users = encoder.encode(data.profile_texts("train"))
+    items = encoder.encode(data.texts("train")[1])
+    torch.testing.assert_close(vectors[:, :16], users, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vectors[:, 16:32], items, atol=1e-5, rtol=1e-5)
+    for i, history in enumerate(batch["history"].tolist()):
+        known = [h for h in history if h > 1]
+        expected = catalog[known].mean(0) if known else torch.zeros(16)
+        torch.testing.assert_close(vectors[i, 32:], expected)
+
+
+def test_entity_text_needs_a_frozen_tower_and_an_item_field(bert_dir, tmp_path):
+    with pytest.raises(ValueError, match="frozen language tower"):
+        make_module(bert_dir, tmp_path, text_granularity="entity", trainable_layers=1)
+    with pytest.raises(ValueError, match="item id field"):
+        AlignmentModule(synthetic_spec().to_dict(), TOWER, language_model=str(bert_dir), text_granularity="entity")
 
 
 def test_trainable_top_layer_trains_only_that_layer(bert_dir, tmp_path):
@@ -95,9 +140,9 @@ def test_checkpoint_holds_tower_for_stage_2_and_maps_but_no_language_model(bert_
     assert {k.split(".")[0] for k in state} == {"tower", "tab_proj", "text_proj", "tab_subspaces", "text_subspaces"}
     hparams = checkpoint["hyper_parameters"]
     assert hparams["temperature"] == 0.7 and "backbone" not in hparams
-    assert hparams["feature_spec"] == synthetic_spec().to_dict()
-    tower = TOWER(synthetic_spec())
-    load_aligned_tower(tmp_path / "align.ckpt", tower, synthetic_spec())  # what stage 2's init_from does
+    assert hparams["feature_spec"] == ENTITY_SPEC.to_dict()
+    tower = TOWER(ENTITY_SPEC)
+    load_aligned_tower(tmp_path / "align.ckpt", tower, ENTITY_SPEC)  # what stage 2's init_from does
     torch.testing.assert_close(tower.state_dict(), module.tower.state_dict())
 
 

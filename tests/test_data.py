@@ -96,9 +96,45 @@ def test_datamodule_batches_follow_the_contract(ml100k, cache):
     assert batch["genres"].shape[1] == spec["genres"].max_len
     first, second = dm.texts("train")
     row = int(batch["row"][0])
-    text = dm.frame("train").text.iloc[row]
-    assert text.startswith(first[row]) and text.endswith(second[row])
-    assert second[row].startswith("This is a movie, title is ")
+    assert first[row].startswith("This is a user, ") and first[row].endswith(".")
+    assert second[row].startswith("This is a movie, title is ") and second[row].endswith(".")
+    profile = dm.profile_texts("train")[row]
+    assert "who has recently" not in profile and first[row].startswith(profile.removesuffix("."))
+
+
+def test_rendering_once_per_entity_equals_rendering_every_row(ml100k, cache):
+    """prepare renders each distinct user and item once and only the behavior phrase per row; that must give
+    exactly the text of TextRenderer.render on every row (ML-100K train and the generic shop data)."""
+    from ctrl.data.prepare import labelled_splits, render_texts
+    from ctrl.data.sources import read_table
+    from tabular2text.templates import TextRenderer, preset
+
+    for source in (ML100K, write_generic(Path(str(cache)) / "shop-render")):
+        dm = CTRDataModule(str(source), cache_dir=str(cache))
+        table, spec = read_table(Path(source), 10), dm.feature_spec
+        part = labelled_splits(table)["train"]
+        renderer = TextRenderer(spec.fields, preset("natural"), spec.item_noun, spec.history_action)
+        fast = render_texts(part, table, spec, "natural")
+        names = {}
+        for f in spec.fields:
+            if f.kind == "sequence" and f.text_field:
+                named = table.frame.drop_duplicates(f.shares_embedding)
+                names = dict(zip(named[f.shares_embedding], named[f.text_field], strict=True))
+        for i, row in enumerate(part.to_dict("records")):
+            row["history"] = [names.get(h) or h for h in row["history"]]
+            slow = renderer.render(row)
+            assert (fast.user_text.iloc[i], fast.item_text.iloc[i]) == (slow.user_text, slow.item_text), i
+            assert fast.user_profile_text.iloc[i] == renderer.render({**row, "history": []}).user_text
+        assert dm.texts("train") == (fast.user_text.tolist(), fast.item_text.tolist())
+
+
+def test_item_catalog_names_every_known_item_once(ml100k, cache):
+    dm = CTRDataModule(str(ML100K), cache_dir=str(cache))
+    ids, texts = dm.item_catalog()
+    assert len(ids) == len(set(ids.tolist())) == dm.feature_spec["item_id"].vocab_size - 2
+    by_id = dict(zip(ids.tolist(), texts, strict=True))
+    train = dm.frame("train")
+    assert all(by_id[i] == t for i, t in zip(train.item_id.head(500), train.item_text.head(500), strict=True))
 
 
 # --- ML-1M layout and generic data -------------------------------------------------------------------------
@@ -120,7 +156,8 @@ def write_ml1m(directory: Path, encoding: str) -> None:
 def test_ml1m_layout_through_the_same_pipeline(tmp_path, encoding):
     write_ml1m(tmp_path / "ml-1m", encoding)
     dm = CTRDataModule(str(tmp_path / "ml-1m"), cache_dir=str(tmp_path / "cache"))
-    texts = " ".join(pd.concat([dm.frame(s) for s in ("train", "val", "test")]).text)
+    texts = " ".join(pd.concat([dm.frame(s) for s in ("train", "val", "test")]).item_text)
+    texts += " ".join(pd.concat([dm.frame(s) for s in ("train", "val", "test")]).user_text)
     assert "Cité des enfants perdus" in texts  # decoded correctly from either encoding
     assert "age is 56+" in texts and "occupation is self-employed" in texts
     assert sum(len(dm.frame(s)) for s in ("train", "val", "test")) > 0
@@ -169,9 +206,11 @@ def test_generic_csv_and_yaml_through_the_same_pipeline(tmp_path):
     dm = CTRDataModule(str(write_generic(tmp_path / "shop")), cache_dir=str(tmp_path / "cache"))
     train = dm.frame("train")
     assert len(train) == 8 and list(train.timestamp) == sorted(train.timestamp)
-    assert train.text.iloc[7] == ("This is a user, gender is male, who has recently bought Blue Hat|Red Shoes."
-                                  " This is a product, title is Green Bag, tags is bag|green, price is 20.")
-    assert train.text.iloc[2] == ("This is a user. This is a product, title is Green Bag, tags is bag|green.")
+    text = train.user_text + " " + train.item_text
+    assert text.iloc[7] == ("This is a user, gender is male, who has recently bought Blue Hat|Red Shoes."
+                            " This is a product, title is Green Bag, tags is bag|green, price is 20.")
+    assert text.iloc[2] == ("This is a user. This is a product, title is Green Bag, tags is bag|green.")
+    assert train.user_profile_text.iloc[7] == "This is a user, gender is male."
     batch = next(iter(dm.train_dataloader()))
     assert batch["price"].dtype == torch.float32 and batch["tags"].shape == (8, 2)
     assert (dm.feature_spec.user_field, dm.feature_spec.item_field) == ("user", "item")

@@ -17,7 +17,6 @@ from ctrl.data.download import ensure_movielens_100k
 from ctrl.data.encode import frame_to_tensors
 from ctrl.data.prepare import SPLITS, prepare
 from tabular2text.schema import FeatureSpec
-from tabular2text.templates import Rendered
 
 
 class TensorDictDataset(Dataset):
@@ -86,7 +85,7 @@ class CTRDataModule(pl.LightningDataModule):
         self._resume_at = (-1, 0)
 
     def frame(self, split: str) -> pd.DataFrame:
-        """The prepared split as stored: encoded ids, label, timestamp, text and item_start."""
+        """The prepared split as stored: encoded ids, label, timestamp, user_text, item_text, user_profile_text."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         if split not in self._frames:
@@ -96,8 +95,16 @@ class CTRDataModule(pl.LightningDataModule):
     def texts(self, split: str) -> tuple[list[str], list[str]]:
         """(user sentence, item sentence) per row of `split`; `batch["row"]` indexes these lists."""
         frame = self.frame(split)
-        rendered = [Rendered(t, s) for t, s in zip(frame["text"], frame["item_start"], strict=True)]
-        return [r.user_text for r in rendered], [r.item_text for r in rendered]
+        return frame["user_text"].tolist(), frame["item_text"].tolist()
+
+    def profile_texts(self, split: str) -> list[str]:
+        """The user sentence without the behavior sequence, per row of `split` (entity-level text)."""
+        return self.frame(split)["user_profile_text"].tolist()
+
+    def item_catalog(self) -> tuple[np.ndarray, list[str]]:
+        """The item ids of the vocabulary and their item sentences (entity-level text of history items)."""
+        items = pd.read_parquet(self.prepared_dir / "items.parquet")
+        return items["id"].to_numpy(np.int64), items["item_text"].tolist()
 
     def tensors(self, split: str) -> dict[str, torch.Tensor]:
         if split not in self._tensors:

@@ -24,10 +24,10 @@ import pandas as pd
 
 from ctrl.data.encode import encode_column
 from ctrl.data.sources import DataError, Table, read_table
-from tabular2text.schema import FeatureSpec
+from tabular2text.schema import OOV, FeatureSpec
 from tabular2text.templates import TextRenderer, is_missing, preset
 
-FORMAT_VERSION = 2  # bump when the prepared layout or its semantics change
+FORMAT_VERSION = 3  # bump when the prepared layout or its semantics change
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -123,23 +123,62 @@ def build_spec(table: Table, train: pd.DataFrame) -> FeatureSpec:
                        user_field=table.user_field, item_field=table.item_field)
 
 
-def render_texts(frame: pd.DataFrame, table: Table, spec: FeatureSpec,
-                 template: str | dict[str, str]) -> tuple[list[str], list[int]]:
+def distinct_rows(frame: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The distinct value combinations of `columns` (each at its first row) and each row's index among them."""
+    if not columns or frame.empty:
+        return frame.iloc[:1], np.zeros(len(frame), dtype=np.int64)
+    codes = [pd.factorize(frame[c].map(tuple) if frame[c].map(type).eq(list).any() else frame[c])[0]
+             for c in columns]
+    group = pd.DataFrame(codes).T.groupby(list(range(len(codes))), sort=False).ngroup().to_numpy()
+    first = pd.Series(group).drop_duplicates().index.to_numpy()
+    return frame.iloc[first], group
+
+
+def render_texts(frame: pd.DataFrame, table: Table, spec: FeatureSpec, template: str | dict[str, str]
+                 ) -> pd.DataFrame:
+    """Per row: `user_text` (the user sentence, with the behavior sequence), `item_text` (the item sentence)
+    and `user_profile_text` (the user sentence without the behavior sequence), exactly as
+    `TextRenderer.render` writes them. Each distinct user-side and item-side combination of values is
+    rendered once; only the behavior phrase is written per row."""
     renderer = TextRenderer(spec.fields, preset(template), spec.item_noun, spec.history_action)
-    names: dict[str, dict[str, str]] = {}
-    for f in spec.fields:
-        if f.kind == "sequence" and f.text_field:
-            items = table.frame.drop_duplicates(f.shares_embedding)
-            names[f.name] = dict(zip(items[f.shares_embedding], items[f.text_field], strict=True))
-    columns = [f.name for f in spec.fields if f.text_name is not None]
-    texts, item_starts = [], []
-    for row in frame[columns].to_dict("records"):
-        for name, lookup in names.items():
-            row[name] = [lookup.get(i) or i for i in row[name]]
-        r = renderer.render(row)
-        texts.append(r.text)
-        item_starts.append(r.item_start)
-    return texts, item_starts
+    profile_of_row = render_distinct(frame, [f for f in renderer.user_fields if f.kind != "sequence"],
+                                     renderer.profile_sentence)
+    user_texts = profile_of_row.copy()
+    for f in renderer.user_fields:  # the behavior sequences close the user sentence
+        if f.kind != "sequence":
+            continue
+        names = {}
+        if f.text_field:  # history items are named by an item field (the title), else by their raw id
+            named = table.frame.drop_duplicates(f.shares_embedding)
+            names = dict(zip(named[f.shares_embedding], named[f.text_field], strict=True))
+        for i, history in enumerate(frame[f.name]):
+            if len(history):
+                user_texts[i] = renderer.with_behavior(user_texts[i], {f.name: [names.get(h) or h for h in history]})
+    close = np.vectorize(renderer.close_user, otypes=[object])
+    return pd.DataFrame({"user_text": close(user_texts), "item_text": item_texts(frame, spec, template),
+                         "user_profile_text": close(profile_of_row)}, index=frame.index)
+
+
+def render_distinct(frame: pd.DataFrame, fields: list, sentence) -> np.ndarray:
+    """`sentence(row)` per row of `frame`, computed once per distinct combination of the fields' values."""
+    columns = [f.name for f in fields]
+    distinct, of_row = distinct_rows(frame, columns)
+    return np.array([sentence(r) for r in distinct[columns].to_dict("records")], dtype=object)[of_row]
+
+
+def item_texts(frame: pd.DataFrame, spec: FeatureSpec, template: str | dict[str, str]) -> np.ndarray:
+    """The item sentence of each row of `frame` (raw values), as `TextRenderer.render` ends the text."""
+    renderer = TextRenderer(spec.fields, preset(template), spec.item_noun, spec.history_action)
+    return render_distinct(frame, renderer.item_fields, renderer.item_sentence)
+
+
+def item_catalog(table: Table, spec: FeatureSpec, template: str | dict[str, str]) -> pd.DataFrame:
+    """One row per item id of the vocabulary: `id` and `item_text`; the texts entity-level alignment pools
+    a behavior sequence from. Items are taken from the whole table (features do not depend on time)."""
+    items = table.frame.drop_duplicates(spec.item_field)
+    ids = encode_column(items[spec.item_field], spec[spec.item_field], spec)
+    known = ids > OOV
+    return pd.DataFrame({"id": ids[known], "item_text": item_texts(items[known], spec, template)})
 
 
 def split_frame(frame: pd.DataFrame, name: str) -> dict[str, pd.DataFrame]:
@@ -185,15 +224,17 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
     try:
         sizes = {}
         for split, part in parts.items():
-            texts, item_starts = render_texts(part, table, spec, template)
             columns = {f.name: encode_column(part[f.name], f, spec) for f in spec.fields}
             columns["label"] = part["label"].to_numpy(np.int8)
             if table.timestamp:
                 columns["timestamp"] = part[table.timestamp].to_numpy()
-            columns["text"] = texts
-            columns["item_start"] = np.array(item_starts, dtype=np.int32)
-            pd.DataFrame(columns).to_parquet(tmp / f"{split}.parquet", index=False)
+            frame = pd.DataFrame(columns)
+            texts = render_texts(part, table, spec, template)
+            frame[list(texts.columns)] = texts.to_numpy()
+            frame.to_parquet(tmp / f"{split}.parquet", index=False)
             sizes[split] = {"rows": len(part), "positive_rate": float(part["label"].mean())}
+        if spec.item_field:
+            item_catalog(table, spec, template).to_parquet(tmp / "items.parquet", index=False)
         spec.save(tmp / "feature_spec.json")
         meta = {"fingerprint": key, "dataset": table.name, "options": options,
                 "sources": [str(p) for p in table.sources], "splits": sizes, "timestamp": table.timestamp,
