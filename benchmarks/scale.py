@@ -67,7 +67,7 @@ def timed(command: list[str], log: Path, env: dict[str, str]) -> dict:
     return {"seconds": wall, "rss_gb": rss, "stdout": done.stdout}
 
 
-def main(data_dir: str, work: str = "/tmp/scale", row_texts: int = 20000) -> None:
+def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_texts: int = 20000) -> None:
     """Run the phases and print their table.
 
     Args:

@@ -26,7 +26,7 @@ WORDS = ["love", "night", "man", "woman", "city", "dead", "life", "story", "king
 AGES = [1, 18, 25, 35, 45, 50, 56]
 
 
-def generate(out: str, ratings: int = 1_000_000, users: int = 6040, movies: int = 3952, seed: int = 0) -> None:
+def generate(out: str = "/tmp/ml-1m-synthetic", ratings: int = 1_000_000, users: int = 6040, movies: int = 3952, seed: int = 0) -> None:
     """Write ratings.dat, users.dat and movies.dat into `out`.
 
     Args:
@@ -52,7 +52,7 @@ def generate(out: str, ratings: int = 1_000_000, users: int = 6040, movies: int 
             fh.write(f"{m}::{title} ({rng.integers(1920, 2001)})::{'|'.join(GENRES[g] for g in genres)}\n")
     taste = rng.normal(0, 1, size=(users, len(GENRES)))
     user_bias = rng.normal(3.6, 0.5, size=users)
-    popularity = rng.zipf(1.3, size=movies).astype(float)
+    popularity = rng.lognormal(0.0, 1.0, size=movies)  # a long tail, as in ML-1M
     popularity /= popularity.sum()
     who = np.sort(rng.integers(0, users, size=ratings))  # grouped by user, as ML-1M's file is
     what = rng.choice(movies, size=ratings, p=popularity)

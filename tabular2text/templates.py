@@ -142,8 +142,7 @@ class TextRenderer:
     def _phrase(self, f: Field, value: object) -> str:
         t = self.templates
         if f.kind == "sequence":
-            items = t.value_sep.join(format_value(v) for v in value if not is_missing(v))
-            return t.behavior.format(action=self.history_action, items=items)
+            return self.behavior(t.value_sep.join(format_value(v) for v in value if not is_missing(v)))
         if f.kind == "multi_valued":
             values = t.value_sep.join(f.value_text.get(str(v), format_value(v)) for v in value if not is_missing(v))
             return t.multi_valued.format(name=f.text_name, values=values)
@@ -177,12 +176,9 @@ class TextRenderer:
         return self._sentence(t.item_intro.format(item_noun=self.item_noun), self.item_fields, row, 0, {}) + \
             t.side_sep.rstrip()
 
-    def with_behavior(self, profile: str, histories: Mapping[str, Sequence[object]]) -> str:
-        """An unclosed `profile` extended by the behavior phrase of each sequence field that has items."""
-        for f in self.user_fields:
-            if f.kind == "sequence" and not is_missing(histories.get(f.name)):
-                profile += self.templates.feature_sep + self._phrase(f, histories[f.name])
-        return profile
+    def behavior(self, items: str) -> str:
+        """The behavior phrase of items already joined by the value separator."""
+        return self.templates.behavior.format(action=self.history_action, items=items)
 
     def render(self, row: Mapping[str, object]) -> Rendered:
         """Render one row of raw values; a sequence value is the list of its items' display names."""

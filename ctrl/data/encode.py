@@ -3,12 +3,36 @@ training and serving encode a row the same way. Needs pandas and torch only (no 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import torch
 
-from tabular2text.schema import OOV, PAD, FeatureSpec, Field
-from tabular2text.templates import is_missing
+from tabular2text.schema import PAD, FeatureSpec, Field
+
+
+def missing_mask(values: pd.Series) -> np.ndarray:
+    """`is_missing` of every scalar value, vectorised: None, NaN, "" and "nan" (any case)."""
+    mask = values.isna().to_numpy().copy()
+    if values.dtype == object:
+        text = values[~mask].astype(str)
+        mask[~mask] = ((text == "") | (text.str.lower() == "nan")).to_numpy()
+    return mask
+
+
+def flatten_lists(values: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Every element of a column of lists, in order, and the row each came from."""
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    flat = pd.Series(list(itertools.chain.from_iterable(values)), dtype=object)
+    return flat, np.repeat(np.arange(len(values)), lengths)
+
+
+def vocabulary_ids(values: pd.Series, vocabulary: list[str]) -> np.ndarray:
+    """Scalar raw values -> ids: 0 missing, 1 unseen, known values from 2 on."""
+    ids = pd.Index(vocabulary, dtype=object).get_indexer(values.astype(object)) + 2  # -1 (unseen) -> OOV
+    ids[missing_mask(values)] = PAD
+    return ids
 
 
 def encode_column(values: pd.Series, f: Field, spec: FeatureSpec) -> pd.Series | np.ndarray:
@@ -16,12 +40,18 @@ def encode_column(values: pd.Series, f: Field, spec: FeatureSpec) -> pd.Series |
     if f.kind == "numeric":
         mean, std = spec.numeric_stats[f.name]
         return ((values.astype("float64") - mean) / std).fillna(0.0).to_numpy(np.float32)
-    index = {v: i + 2 for i, v in enumerate(spec.vocabulary_of(f.name))}
+    vocabulary = spec.vocabulary_of(f.name)
     if f.kind == "categorical":
-        return np.array([PAD if is_missing(v) else index.get(v, OOV) for v in values], dtype=np.int32)
-    # Lists keep their newest (last) max_len entries.
-    return pd.Series([[index.get(x, OOV) for x in v if not is_missing(x)][-f.max_len:] for v in values],
-                     index=values.index)
+        return vocabulary_ids(values, vocabulary).astype(np.int32)
+    # Lists drop their missing entries and keep their newest (last) max_len ones.
+    flat, row = flatten_lists(values)
+    ids = vocabulary_ids(flat, vocabulary)
+    keep = ids != PAD
+    ids, row = ids[keep], row[keep]
+    from_end = np.bincount(row, minlength=len(values))[row] - (np.arange(len(row)) - np.searchsorted(row, row))
+    ids, row = ids[from_end <= f.max_len], row[from_end <= f.max_len]
+    bounds = np.searchsorted(row, np.arange(1, len(values)))
+    return pd.Series([part.tolist() for part in np.split(ids, bounds)], index=values.index, dtype=object)
 
 
 def pad_lists(values: pd.Series, max_len: int) -> torch.Tensor:

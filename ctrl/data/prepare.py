@@ -15,17 +15,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ctrl.data.encode import encode_column
+from ctrl.data.encode import encode_column, flatten_lists, missing_mask
 from ctrl.data.sources import DataError, Table, read_table
 from tabular2text.schema import OOV, FeatureSpec
-from tabular2text.templates import TextRenderer, is_missing, preset
+from tabular2text.templates import TextRenderer, format_value, is_missing, preset
 
 FORMAT_VERSION = 3  # bump when the prepared layout or its semantics change
 SPLITS = ("train", "val", "test")
@@ -53,18 +52,23 @@ def sort_by_time(frame: pd.DataFrame, timestamp: str | None) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def build_history(frame: pd.DataFrame, user: str, item: str, timestamp: str | None, length: int) -> list[list[str]]:
+def build_history(frame: pd.DataFrame, user: str, item: str, timestamp: str | None, length: int) -> pd.Series:
     """Per row: the user's `length` most recent items with a strictly earlier timestamp, newest last.
     `frame` is sorted by time; without timestamps, file order stands in for time."""
     times = frame[timestamp].to_numpy() if timestamp else np.arange(len(frame))
-    history: list[list[str]] = [[] for _ in range(len(frame))]
-    for rows in frame.groupby(user, sort=False).indices.values():  # row positions, in time order
-        items = frame[item].to_numpy()[rows]
-        ts = times[rows]
-        starts = np.searchsorted(ts, ts, side="left")  # number of this user's strictly earlier rows
-        for k, n_before in zip(rows, starts, strict=True):
-            history[k] = items[max(0, n_before - length):n_before].tolist()
-    return history
+    users = pd.factorize(frame[user])[0]
+    order = np.argsort(users, kind="stable")  # rows grouped by user, each user's rows in time order
+    u, t = users[order], times[order]
+    position = np.arange(len(order))
+    new_user = np.r_[True, u[1:] != u[:-1]]
+    new_time = new_user | np.r_[True, t[1:] != t[:-1]]
+    user_start = np.maximum.accumulate(np.where(new_user, position, 0))
+    time_start = np.maximum.accumulate(np.where(new_time, position, 0))  # rows before it are strictly earlier
+    first = np.maximum(user_start, time_start - length)
+    items = frame[item].to_numpy()[order]
+    history = np.empty(len(frame), dtype=object)
+    history[order] = [items[a:b].tolist() for a, b in zip(first.tolist(), time_start.tolist(), strict=True)]
+    return pd.Series(history, index=frame.index)
 
 
 def make_labels(frame: pd.DataFrame, table: Table) -> pd.Series:
@@ -85,13 +89,11 @@ def make_labels(frame: pd.DataFrame, table: Table) -> pd.Series:
 
 
 def fit_vocabulary(values: pd.Series) -> list[str]:
-    counts: Counter[str] = Counter()
-    for v in values:
-        if isinstance(v, list):
-            counts.update(x for x in v if not is_missing(x))
-        elif not is_missing(v):
-            counts[v] += 1
-    return sorted(counts, key=lambda k: (-counts[k], k))  # frequent first, ties by value: deterministic
+    """Known values of a column (lists: of their elements), frequent first, ties by value: deterministic."""
+    lists = values.map(type).eq(list).to_numpy()  # e.g. item ids joined with the histories of item ids
+    values = pd.concat([values[~lists].astype(object), flatten_lists(values[lists])[0]], ignore_index=True)
+    counts = values[~missing_mask(values)].value_counts(sort=False)
+    return sorted(counts.index, key=lambda k: (-counts[k], k))
 
 
 def build_spec(table: Table, train: pd.DataFrame) -> FeatureSpec:
@@ -123,13 +125,14 @@ def build_spec(table: Table, train: pd.DataFrame) -> FeatureSpec:
                        user_field=table.user_field, item_field=table.item_field)
 
 
-def distinct_rows(frame: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """The distinct value combinations of `columns` (each at its first row) and each row's index among them."""
+def distinct_rows(frame: pd.DataFrame, columns: list[str], list_columns: set[str] = frozenset()
+                  ) -> tuple[pd.DataFrame, np.ndarray]:
+    """The distinct value combinations of `columns` (each at its first row) and each row's index among them;
+    `list_columns` hold lists."""
     if not columns or frame.empty:
         return frame.iloc[:1], np.zeros(len(frame), dtype=np.int64)
-    codes = [pd.factorize(frame[c].map(tuple) if frame[c].map(type).eq(list).any() else frame[c])[0]
-             for c in columns]
-    group = pd.DataFrame(codes).T.groupby(list(range(len(codes))), sort=False).ngroup().to_numpy()
+    codes = {c: pd.factorize(frame[c].map(tuple) if c in list_columns else frame[c])[0] for c in columns}
+    group = pd.DataFrame(codes).groupby(columns, sort=False).ngroup().to_numpy()
     first = pd.Series(group).drop_duplicates().index.to_numpy()
     return frame.iloc[first], group
 
@@ -139,11 +142,11 @@ def render_texts(frame: pd.DataFrame, table: Table, spec: FeatureSpec, template:
     """Per row: `user_text` (the user sentence, with the behavior sequence), `item_text` (the item sentence)
     and `user_profile_text` (the user sentence without the behavior sequence), exactly as
     `TextRenderer.render` writes them. Each distinct user-side and item-side combination of values is
-    rendered once; only the behavior phrase is written per row."""
+    rendered once, each history item's name formatted once; per row only the behavior phrase is joined."""
     renderer = TextRenderer(spec.fields, preset(template), spec.item_noun, spec.history_action)
-    profile_of_row = render_distinct(frame, [f for f in renderer.user_fields if f.kind != "sequence"],
-                                     renderer.profile_sentence)
-    user_texts = profile_of_row.copy()
+    profiles = render_distinct(frame, [f for f in renderer.user_fields if f.kind != "sequence"],
+                               renderer.profile_sentence)
+    user_texts = profiles.copy()
     for f in renderer.user_fields:  # the behavior sequences close the user sentence
         if f.kind != "sequence":
             continue
@@ -151,18 +154,28 @@ def render_texts(frame: pd.DataFrame, table: Table, spec: FeatureSpec, template:
         if f.text_field:  # history items are named by an item field (the title), else by their raw id
             named = table.frame.drop_duplicates(f.shares_embedding)
             names = dict(zip(named[f.shares_embedding], named[f.text_field], strict=True))
+        labels: dict[object, str | None] = {}
+
+        def label(item: object, names: dict = names, labels: dict = labels) -> str | None:
+            if item not in labels:
+                name = names.get(item) or item
+                labels[item] = None if is_missing(name) else format_value(name)
+            return labels[item]
+
+        sep, glue = renderer.templates.value_sep, renderer.templates.feature_sep
         for i, history in enumerate(frame[f.name]):
-            if len(history):
-                user_texts[i] = renderer.with_behavior(user_texts[i], {f.name: [names.get(h) or h for h in history]})
+            joined = sep.join([x for x in map(label, history) if x is not None])
+            if joined:
+                user_texts[i] = user_texts[i] + glue + renderer.behavior(joined)
     close = np.vectorize(renderer.close_user, otypes=[object])
     return pd.DataFrame({"user_text": close(user_texts), "item_text": item_texts(frame, spec, template),
-                         "user_profile_text": close(profile_of_row)}, index=frame.index)
+                         "user_profile_text": close(profiles)}, index=frame.index)
 
 
 def render_distinct(frame: pd.DataFrame, fields: list, sentence) -> np.ndarray:
     """`sentence(row)` per row of `frame`, computed once per distinct combination of the fields' values."""
     columns = [f.name for f in fields]
-    distinct, of_row = distinct_rows(frame, columns)
+    distinct, of_row = distinct_rows(frame, columns, {f.name for f in fields if f.is_list})
     return np.array([sentence(r) for r in distinct[columns].to_dict("records")], dtype=object)[of_row]
 
 
