@@ -26,7 +26,8 @@ WORDS = ["love", "night", "man", "woman", "city", "dead", "life", "story", "king
 AGES = [1, 18, 25, 35, 45, 50, 56]
 
 
-def generate(out: str = "/tmp/ml-1m-synthetic", ratings: int = 1_000_000, users: int = 6040, movies: int = 3952, seed: int = 0) -> None:
+def generate(out: str = "/tmp/ml-1m-synthetic", ratings: int = 1_000_000, users: int = 6040, movies: int = 3952,
+             seed: int = 0) -> None:
     """Write ratings.dat, users.dat and movies.dat into `out`.
 
     Args:
