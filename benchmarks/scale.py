@@ -49,7 +49,7 @@ part = unique[:limit]
 start = time.perf_counter()
 encoder.encode_into(vectors, [t[0] for t in part], [t[1] for t in part], progress=False)
 seconds = time.perf_counter() - start
-print(json.dumps({"rows": len(first), "distinct": len(unique), "encoded": len(part), "seconds": seconds,
+print(json.dumps({"rows": len(first), "distinct": len(unique), "encoded": len(part), "encode_seconds": seconds,
                   "precision": encoder.precision}))
 """
 
@@ -97,14 +97,15 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
     meta = json.loads(next((root / "cache" / "prepared").glob("*/meta.json")).read_text())
     rows = {split: v["rows"] for split, v in meta["splits"].items()}
     enc = results["encode_rows"]
-    rate = enc["encoded"] / enc["seconds"]
+    rate = enc["encoded"] / enc["encode_seconds"]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; data {data_dir}:"
           f" {sum(rows.values()):,} labelled rows ({rows['train']:,} train, {rows['val']:,} val,"
           f" {rows['test']:,} test)")
     print("\n| phase | wall s | peak RSS GB | note |\n|---|---|---|---|")
     print(f"| prepare | {results['prepare']['seconds']:.1f} | {results['prepare']['rss_gb']:.2f} | |")
     print(f"| encode_rows | {enc['seconds']:.1f} | {enc['rss_gb']:.2f} | {enc['encoded']:,} of {enc['distinct']:,}"
-          f" distinct train+val pairs at {rate:.1f} texts/s ({enc['precision']}); all {enc['distinct']:,}:"
+          f" distinct train+val pairs encoded in {enc['encode_seconds']:.1f} s,"
+          f" {rate:.1f} texts/s ({enc['precision']}); all {enc['distinct']:,}:"
           f" {enc['distinct'] / rate / 60:.0f} min |")
     for name in ("stage1_entity", "stage2"):
         print(f"| {name} | {results[name]['seconds']:.1f} | {results[name]['rss_gb']:.2f} | 1 epoch |")

@@ -113,6 +113,27 @@ def test_entity_text_pools_user_item_and_history_item_vectors(bert_dir, tmp_path
         torch.testing.assert_close(vectors[i, 32:], expected)
 
 
+def test_frozen_tower_encodes_on_the_trainers_device_and_a_trainable_one_follows_the_module(bert_dir, tmp_path,
+                                                                                               monkeypatch):
+    import ctrl.module
+
+    devices = []
+
+    class Recording(FrozenEncoder):
+        def __init__(self, tower, device="cpu", precision="auto", **options):
+            super().__init__(tower, device, precision, **options)
+            devices.append((self.device, next(self.tower.parameters()).device))
+
+    monkeypatch.setattr(ctrl.module, "FrozenEncoder", Recording)
+    run = trainer(fast_dev_run=1)
+    run.fit(make_module(bert_dir, tmp_path / "cache"), datamodule=TextData())
+    assert devices == [(run.strategy.root_device, run.strategy.root_device)]  # one load for train and val
+    module = make_module(bert_dir, tmp_path / "cache", trainable_layers=1)
+    run = trainer(fast_dev_run=1)
+    run.fit(module, datamodule=TextData())
+    assert {p.device for p in module.language.parameters()} == {module.device} == {run.strategy.root_device}
+
+
 def test_entity_text_needs_a_frozen_tower_and_an_item_field(bert_dir, tmp_path):
     with pytest.raises(ValueError, match="frozen language tower"):
         make_module(bert_dir, tmp_path, text_granularity="entity", trainable_layers=1)
