@@ -220,8 +220,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def rela_impr(auc: float, base_auc: float) -> float:
-    """RelaImpr in percent: ((AUC - 0.5) / (AUC_base - 0.5) - 1) x 100."""
-    return ((auc - 0.5) / (base_auc - 0.5) - 1) * 100
+    """RelaImpr in percent: ((AUC - 0.5) / (AUC_base - 0.5) - 1) x 100; NaN when the base is no better than
+    chance (AUC <= 0.5), where the ratio's sign flips and the number means nothing."""
+    return ((auc - 0.5) / (base_auc - 0.5) - 1) * 100 if base_auc > 0.5 else float("nan")
+
+
+def gain_text(auc: float, base_auc: float) -> str:
+    """RelaImpr, or the plain AUC difference, marked, when RelaImpr is undefined."""
+    gain = rela_impr(auc, base_auc)
+    return f"ΔAUC {auc - base_auc:+.4f} (base AUC <= 0.5: RelaImpr undefined)" if np.isnan(gain) else f"{gain:+.2f}%"
 
 
 def compare(records: list[dict], backbone: str, metric: str) -> dict[str, float] | None:
@@ -257,7 +264,7 @@ def comparison_table(records: list[dict], backbones: list[str], slice_: str) -> 
             continue
         base_loss, ctrl_loss = (pm(logloss[v], logloss[f"{v}_std"]) for v in (BASE, CTRL)) if logloss else ("n/a",) * 2
         lines.append(f"| {backbone} | {auc['seeds']} | {pm(auc['base'], auc['base_std'])}"
-                     f" | {pm(auc['ctrl'], auc['ctrl_std'])} | {rela_impr(auc['ctrl'], auc['base']):+.2f}%"
+                     f" | {pm(auc['ctrl'], auc['ctrl_std'])} | {gain_text(auc['ctrl'], auc['base'])}"
                      f" | {p_text(auc['p'])} | {base_loss} | {ctrl_loss} |")
     return lines if len(lines) > 2 else ["No backbone has runs of both variants with this slice."]
 

@@ -3,7 +3,11 @@
     ctrl prepare --data_dir DIR          prepare a data set; print split sizes, positive rates and texts
     ctrl run --align A.yaml --finetune F.yaml   the main job: stage 1 -> stage 2 -> test -> export
     ctrl bench --config configs/bench/ml100k.yaml   base vs CTRL over backbones and seeds -> RESULTS.md
-    ctrl fit|validate|test|predict ...   Lightning CLI; the model's class_path picks the stage
+    ctrl fit --config C.yaml             train one stage (Lightning CLI; the model's class_path picks it)
+    ctrl validate --config C.yaml --ckpt_path P   validation metrics of a checkpoint
+    ctrl test --config C.yaml --ckpt_path P       test metrics of a checkpoint (all rows and cold start)
+    ctrl predict --config C.yaml --ckpt_path P    test-split probabilities -> predictions.parquet
+    ctrl COMMAND --help                  every option of one command
 
 W&B runs offline unless WANDB_API_KEY is set (no prompt, no network).
 
@@ -123,6 +127,10 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
+    if argv in ([], ["-h"], ["--help"]):
+        usage = "usage: ctrl COMMAND ...\n\n" + __doc__.split("\n\n")[1].replace("    ctrl", "ctrl").rstrip()
+        print(usage, file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
     try:
         if argv and argv[0] in COMMANDS:
             CLI(COMMANDS, args=argv)

@@ -184,6 +184,18 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(name, smal
     assert all((p / "meta.json").is_file() for p in prepared) and (training or not prepared)
 
 
+def test_help_lists_every_subcommand_and_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("usage: ctrl COMMAND")
+    commands = [line.split()[1] for line in out.splitlines() if line.startswith("ctrl ")]
+    assert commands == ["prepare", "run", "bench", "fit", "validate", "test", "predict", "COMMAND"]
+    with pytest.raises(SystemExit) as done:
+        main([])
+    assert done.value.code == 2 and "usage: ctrl COMMAND" in capsys.readouterr().err
+
+
 def test_the_corpus_covers_at_least_fifteen_cases():
     assert len(CASES) >= 15
 

@@ -216,3 +216,11 @@ def test_every_ablation_of_the_shipped_config_names_options_of_its_stages(capsys
                     for part in option.removeprefix("--").split("."):
                         assert part in node, f"{ablation['name']}: {option} is no option of the {stage} config"
                         node = node[part]
+
+
+def test_relaimpr_is_undefined_below_chance_and_the_auc_difference_is_reported_instead():
+    assert ctrl.bench.rela_impr(0.78, 0.75) == pytest.approx(12.0)
+    # a base below chance flips the ratio's sign: CTRL better by .03 AUC would read as a loss
+    assert np.isnan(ctrl.bench.rela_impr(0.48, 0.45))
+    assert ctrl.bench.gain_text(0.48, 0.45) == "ΔAUC +0.0300 (base AUC <= 0.5: RelaImpr undefined)"
+    assert ctrl.bench.gain_text(0.78, 0.75) == "+12.00%"

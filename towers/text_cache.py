@@ -29,7 +29,6 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -118,6 +117,7 @@ class FrozenEncoder:
 
     Attributes:
         fingerprint: sha256 of the model, tokenizer, pooling, max_length and precision; computed once.
+        output_dim: H, the width of the vectors.
     """
 
     def __init__(self, tower: LanguageTower, device: torch.device | str = "cpu", precision: Precision = "auto",
@@ -134,10 +134,7 @@ class FrozenEncoder:
         h.update(tokenizer_fingerprint(tower).encode())
         self.fingerprint = h.hexdigest()
         self.tower = tower.eval().to(self.device, torch.bfloat16 if self.precision == "bf16" else torch.float32)
-
-    @cached_property
-    def output_dim(self) -> int:
-        return self.tower.output_dim
+        self.output_dim: int = tower.output_dim
 
     def _tokenized_chunks(self, first: Sequence[str], second: Sequence[str] | None) -> Iterator[dict]:
         """Token ids of consecutive chunks; the next chunk is tokenized on a thread while this one encodes."""
