@@ -58,6 +58,16 @@ def test_history_is_the_k_most_recent_strictly_earlier_items(ml100k):
         assert list(row.history) == expected
 
 
+def test_history_by_hand_ties_length_and_rows_without_user():
+    """Same-time rows never see each other; only the newest `length` items are kept; no user, no history."""
+    from ctrl.data.prepare import build_history
+
+    frame = pd.DataFrame({"u": ["a", None, "a", None, "b", "a", "a", "a"], "i": list("xyzwvqrs"),
+                          "t": [1, 2, 2, 3, 3, 3, 3, 4]})
+    assert build_history(frame, "u", "i", "t", 2).tolist() == [[], [], ["x"], [], [], ["x", "z"], ["x", "z"],
+                                                              ["q", "r"]]
+
+
 def test_vocabularies_come_from_train_only(ml100k):
     spec = FeatureSpec.load(ml100k / "feature_spec.json")
     parts = splits(ml100k)

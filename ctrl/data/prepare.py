@@ -65,6 +65,7 @@ def build_history(frame: pd.DataFrame, user: str, item: str, timestamp: str | No
     user_start = np.maximum.accumulate(np.where(new_user, position, 0))
     time_start = np.maximum.accumulate(np.where(new_time, position, 0))  # rows before it are strictly earlier
     first = np.maximum(user_start, time_start - length)
+    first[u < 0] = time_start[u < 0]  # a row without a user has no history
     items = frame[item].to_numpy()[order]
     history = np.empty(len(frame), dtype=object)
     history[order] = [items[a:b].tolist() for a, b in zip(first.tolist(), time_start.tolist(), strict=True)]
