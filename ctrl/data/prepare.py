@@ -169,7 +169,8 @@ def render_texts(frame: pd.DataFrame, table: Table, spec: FeatureSpec, template:
             if joined:
                 user_texts[i] = user_texts[i] + glue + renderer.behavior(joined)
     close = np.vectorize(renderer.close_user, otypes=[object])
-    return pd.DataFrame({"user_text": close(user_texts), "item_text": item_texts(frame, spec, template),
+    items = render_distinct(frame, renderer.item_fields, renderer.item_sentence)
+    return pd.DataFrame({"user_text": close(user_texts), "item_text": items,
                          "user_profile_text": close(profiles)}, index=frame.index)
 
 
