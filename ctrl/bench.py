@@ -155,6 +155,9 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     epochs = {"finetune": stage2.trainer.current_epoch}
     if stages.align is not None:
         metrics["align/val/loss"] = float(stages.align.trainer.checkpoint_callback.best_model_score)
+        # the last stage-1 epoch's validation metrics, e.g. how often a text retrieves its own row
+        metrics.update({f"align/{k}": v for k, v in stages.align.trainer.callback_metrics.items()
+                        if k.startswith("val/") and k != "val/loss"})
         epochs["align"] = stages.align.trainer.current_epoch
     append_record(results, {
         "variant": variant.name, "backbone": backbone, "seed": seed,

@@ -73,6 +73,9 @@ class AlignmentModule(pl.LightningModule):
         lr: AdamW learning rate after warm-up.
         weight_decay: AdamW weight decay.
         warmup_steps: optimizer steps of the linear warm-up from 1e-5 to lr.
+        masked_fields: categorical or sequence fields the collaborative tower sees as unknown (OOV) during
+            alignment, e.g. [user_id, item_id]: an ablation of how much of the alignment is row identity.
+            Their embeddings are then not aligned; stage 2 trains them from their initial values.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class AlignmentModule(pl.LightningModule):
         lr: float = 5e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
+        masked_fields: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -107,6 +111,10 @@ class AlignmentModule(pl.LightningModule):
                              " use trainable_layers 0 or text_granularity row")
         if text_granularity == "entity" and spec.item_field is None:
             raise ValueError("text_granularity entity needs an item id field in the data; use text_granularity row")
+        unknown = [f for f in masked_fields if f not in spec.names or spec[f].kind == "numeric"]
+        if unknown:
+            raise ValueError(f"masked_fields {unknown} are not categorical or sequence fields of the data; known:"
+                             f" {', '.join(f.name for f in spec.fields if f.kind != 'numeric')}")
         # entity text: the behavior sequence whose items' vectors are pooled (the first sequence field)
         self.history_field = next((f.name for f in spec.fields if f.kind == "sequence"), None)
         if trainable_layers == 0:
@@ -188,6 +196,8 @@ class AlignmentModule(pl.LightningModule):
     def embed(self, batch: Batch, split: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Shared-space vectors (B x proj_dim) and sub-space vectors (B x M x subspace_dim), table then text."""
         hp = self.hparams
+        if hp.masked_fields:  # OOV where there is a value; padding stays padding
+            batch = {**batch, **{f: batch[f].clamp(max=OOV) for f in hp.masked_fields}}
         tab = self.tab_proj(self.tower(batch))
         text = self.text_proj(self.text_vectors(batch, split))
         sub_tab = self.tab_subspaces(tab).view(len(tab), hp.num_subspaces, hp.subspace_dim)
