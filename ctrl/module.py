@@ -5,7 +5,8 @@ Each row is seen twice, as features (collaborative tower) and as its (user sente
 sub-spaces (fine: max-sim InfoNCE); the losses are in `ctrl/losses.py`. Only the collaborative tower goes
 on to stage 2: it sits under the `tower.` prefix of the checkpoint's state dict.
 
-Run through Lightning with a data module that serves `batch["row"]` and `texts(split)`, e.g.
+Run through Lightning with a data module that serves `batch["row"]`, `texts(split)` and `text_splits` (the
+splits before test, in time order), e.g.
 `pl.Trainer(max_epochs=5).fit(AlignmentModule(dm.feature_spec.to_dict(), towers.AutoInt), datamodule=dm)`,
 or `ctrl fit --model ctrl.module.AlignmentModule --model.backbone towers.AutoInt --data.data_dir DIR`.
 """
@@ -157,17 +158,32 @@ class AlignmentModule(pl.LightningModule):
             return cache.vectors(encoder, first, second, rank=trainer.global_rank, world_size=trainer.world_size,
                                  barrier=trainer.strategy.barrier)
 
+        # One entry for all rows before test (the same rows, in the same time order, in every val_fold); each
+        # split is a slice of its per-row index.
         data = trainer.datamodule
+        texts = {split: data.texts(split) for split in data.text_splits}
+        sizes = {split: len(users) for split, (users, _) in texts.items()}
+        starts = dict(zip(sizes, np.cumsum([0, *sizes.values()]).tolist(), strict=False))
+
+        def per_split(vectors_and_index: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+            table, index = vectors_and_index
+            return {split: (table, index[starts[split]:starts[split] + sizes[split]]) for split in splits}
+
+        def joined(part: Callable[[str], list[str]]) -> list[str]:
+            return [text for split in sizes for text in part(split)]
+
         if hp.text_granularity == "row":
-            return {split: {"row": vectors(*data.texts(split))} for split in splits}
-        ids, texts = data.item_catalog()
-        catalog, index = vectors(texts)
+            rows = per_split(vectors(joined(lambda s: texts[s][0]), joined(lambda s: texts[s][1])))
+            return {split: {"row": rows[split]} for split in splits}
+        ids, item_texts = data.item_catalog()
+        catalog, index = vectors(item_texts)
         spec = FeatureSpec.from_dict(hp.feature_spec)
         item_vectors = torch.zeros(spec[spec.item_field].vocab_size, encoder.output_dim)
         item_vectors[torch.from_numpy(ids)] = torch.from_numpy(catalog[index])
         self.item_vectors = item_vectors  # PAD and unseen ids: zero vectors, left out of the history mean
-        return {split: {"user": vectors(data.profile_texts(split)), "item": vectors(data.texts(split)[1])}
-                for split in splits}
+        users = per_split(vectors(joined(data.profile_texts)))
+        items = per_split(vectors(joined(lambda s: texts[s][1])))
+        return {split: {"user": users[split], "item": items[split]} for split in splits}
 
     def setup(self, stage: str) -> None:
         splits = STAGE_SPLITS.get(stage, ())

@@ -35,6 +35,8 @@ class TextData(pl.LightningDataModule):
         self.rows = synthetic_batch(self.feature_spec, rows, seed=0)
         self.batch_size = batch_size
 
+    text_splits = ("train", "val")
+
     def texts(self, split: str) -> tuple[list[str], list[str]]:
         r = self.rows
         users = [f"this is a user, gender is {g}, age is {a:.1f}, who has recently watched {'|'.join(map(str, h))}"
@@ -132,6 +134,66 @@ def test_frozen_tower_encodes_on_the_trainers_device_and_a_trainable_one_follows
     run = trainer(fast_dev_run=1)
     run.fit(module, datamodule=TextData())
     assert {p.device for p in module.language.parameters()} == {module.device} == {run.strategy.root_device}
+
+
+class FoldData(TextData):
+    """The 16 rows cut into consecutive splits (train, val[, gap]), each with texts of its own."""
+
+    def __init__(self, sizes: dict[str, int]) -> None:
+        super().__init__()
+        self.text_splits = tuple(sizes)
+        bounds = np.cumsum([0, *sizes.values()])
+        self.bounds = {s: (int(a), int(b)) for s, a, b in zip(sizes, bounds[:-1], bounds[1:], strict=True)}
+
+    def texts(self, split: str) -> tuple[list[str], list[str]]:
+        a, b = self.bounds[split]
+        users, items = super().texts(split)
+        return [f"row {i}: {u}" for i, u in enumerate(users)][a:b], items[a:b]
+
+    def split_loader(self, split: str) -> DataLoader:
+        a, b = self.bounds[split]
+        rows = {k: v[a:b] for k, v in self.rows.items()} | {"row": torch.arange(b - a)}
+        return DataLoader(TensorDictDataset(rows), batch_size=4, collate_fn=keep_batch)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.split_loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.split_loader("val")
+
+
+def test_text_vectors_of_all_splits_before_test_are_one_entry_shared_by_every_fold(bert_dir, tmp_path):
+    """A val_fold moves the split boundaries, not the rows before test: the second fold encodes nothing, and
+    each split's rows get their own texts' vectors."""
+    cache = tmp_path / "cache"
+    encoder = FrozenEncoder(LanguageTower(str(bert_dir)), precision="fp32")
+    for sizes in ({"train": 10, "val": 6}, {"train": 6, "val": 4, "gap": 6}):
+        module = make_module(bert_dir, cache, text_precision="fp32")
+        data = FoldData(sizes)
+        trainer(fast_dev_run=1).fit(module, datamodule=data)
+        assert len(list(cache.iterdir())) == 1
+        assert set(module.frozen_text_vectors) == {"train", "val"}
+        for split in ("train", "val"):
+            batch = {"row": torch.arange(sizes[split])}
+            torch.testing.assert_close(module.text_vectors(batch, split), encoder.encode(*data.texts(split)),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_masked_fields_are_unknown_to_the_tower_during_alignment(bert_dir, tmp_path):
+    module = make_module(bert_dir, tmp_path / "cache", masked_fields=("user_id", "history")).eval()
+    batch = synthetic_batch(ENTITY_SPEC, 8, seed=0)
+    history = batch["history"]  # other items at the same positions
+    other = {**batch, "user_id": batch["user_id"].flip(0), "history": torch.where(history > 0, 20 - history, 0)}
+    with torch.no_grad():
+        tab = module.tab_proj(module.tower({**batch, "user_id": batch["user_id"].clamp(max=1),
+                                           "history": batch["history"].clamp(max=1)}))
+    module.text_vectors = lambda batch, split: torch.zeros(len(batch["row"]), 16)
+    with torch.no_grad():
+        torch.testing.assert_close(module.embed(batch, "train")[0], module.embed(other, "train")[0])
+        torch.testing.assert_close(module.embed(batch, "train")[0], tab)
+    for bad in ("age", "zip"):  # numeric, absent
+        with pytest.raises(ValueError, match=f"masked_fields \\['{bad}'\\]"):
+            make_module(bert_dir, tmp_path / "cache", masked_fields=(bad,))
 
 
 def test_entity_text_needs_a_frozen_tower_and_an_item_field(bert_dir, tmp_path):

@@ -45,6 +45,24 @@ def test_ml100k_paper_protocol(ml100k):
     assert (raw.r != 3).sum() == 72855 and (raw.r > 3).sum() == sum(int(p.label.sum()) for p in parts.values())
 
 
+def test_val_fold_validates_on_an_earlier_block_and_keeps_test(ml100k, cache):
+    """val_fold 1: validation is the block before the usual one, train everything before it, the usual
+    validation rows become the gap; test is the same rows; out-of-range folds are refused by name."""
+    from ctrl.data.prepare import DataError
+
+    fold = prepare(ML100K, cache, val_fold=1)
+    assert fold != ml100k
+    usual, moved = splits(ml100k), {s: pd.read_parquet(fold / f"{s}.parquet") for s in ("train", "val", "gap", "test")}
+    assert {s: len(p) for s, p in moved.items()} == {"train": 50999, "val": 7285, "gap": 7285, "test": 7286}
+    for split, rows in (("train", slice(0, 50999)), ("val", slice(50999, 58284))):
+        assert moved[split]["user_text"].tolist() == usual["train"]["user_text"].iloc[rows].tolist()
+    assert moved["gap"]["user_text"].tolist() == usual["val"]["user_text"].tolist()
+    for column in ("user_text", "item_text", "label", "timestamp"):
+        assert moved["test"][column].tolist() == usual["test"][column].tolist()
+    with pytest.raises(DataError, match="val_fold 8 leaves fewer training rows than one validation block.*up to 7"):
+        prepare(ML100K, cache, val_fold=8)
+
+
 def test_history_is_the_k_most_recent_strictly_earlier_items(ml100k):
     spec = FeatureSpec.load(ml100k / "feature_spec.json")
     vocab = spec.vocabulary_of("item_id")

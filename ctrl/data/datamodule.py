@@ -67,26 +67,35 @@ class CTRDataModule(pl.LightningDataModule):
         eval_batch_size: batch size for validation, test and predict.
         num_workers: DataLoader workers (0 is fastest here: batches are tensor slices).
         cache_dir: where prepared data lives (default $CTRL_CACHE_DIR or ~/.cache/ctrl-rec).
+        val_fold: the time block that validates: 0 (the paper's: the 10% just before test), or k > 0 for the
+            block k blocks earlier, trained on everything before it (a rolling-origin fold for choosing
+            hyper-parameters on more than one validation period; test is the same in every fold).
     """
 
     def __init__(self, data_dir: str, download: bool = False, history_length: int = 10,
                  template: str | dict[str, str] = "natural", batch_size: int = 2048, eval_batch_size: int = 8192,
-                 num_workers: int = 0, cache_dir: str | None = None) -> None:
+                 num_workers: int = 0, cache_dir: str | None = None, val_fold: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         if download:
             ensure_movielens_100k(Path(data_dir).expanduser())
         # Prepared here, not in prepare_data(): the CLI links `feature_spec` into the model right after
         # this constructor. Preparation is cached and atomic, so every DDP rank may call it.
-        self.prepared_dir = prepare(data_dir, cache_dir, history_length, template)
+        self.prepared_dir = prepare(data_dir, cache_dir, history_length, template, val_fold)
         self.feature_spec = FeatureSpec.load(self.prepared_dir / "feature_spec.json")
         self._frames: dict[str, pd.DataFrame] = {}
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
         self._resume_at = (-1, 0)
 
+    @property
+    def text_splits(self) -> tuple[str, ...]:
+        """The splits before test, in time order: together the same rows in every val_fold, so the text
+        vectors of stage 1 are encoded once for all folds."""
+        return ("train", "val", "gap") if self.hparams.val_fold else ("train", "val")
+
     def frame(self, split: str) -> pd.DataFrame:
         """The prepared split as stored: encoded ids, label, timestamp, user_text, item_text, user_profile_text."""
-        if split not in SPLITS:
+        if split not in (*SPLITS, *self.text_splits):
             raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         if split not in self._frames:
             self._frames[split] = pd.read_parquet(self.prepared_dir / f"{split}.parquet")

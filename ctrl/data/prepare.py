@@ -196,10 +196,21 @@ def item_catalog(table: Table, spec: FeatureSpec, template: str | dict[str, str]
     return pd.DataFrame({"id": ids[known], "item_text": item_texts(items[known], spec, template)})
 
 
-def split_frame(frame: pd.DataFrame, name: str) -> dict[str, pd.DataFrame]:
+def split_frame(frame: pd.DataFrame, name: str, val_fold: int = 0) -> dict[str, pd.DataFrame]:
+    """Time-ordered rows -> train / val / test, 8:1:1. With val_fold k > 0 the validation block moves k
+    blocks back in time (a rolling-origin fold of the training period): train is everything before it, the
+    rows between it and test become "gap" (used by no stage), and test stays the same last 10%."""
     n = len(frame)
     cut1, cut2 = int(n * SPLIT_FRACTIONS[0]), int(n * (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]))
-    parts = dict(zip(SPLITS, (frame.iloc[:cut1], frame.iloc[cut1:cut2], frame.iloc[cut2:]), strict=True))
+    block = cut2 - cut1
+    start = cut1 - val_fold * block
+    if val_fold < 0 or start < max(1, block):
+        raise DataError(f"{name}: val_fold {val_fold} leaves fewer training rows than one validation block; use 0"
+                        f" (the last block before test) up to {max(0, cut1 // max(1, block) - 1)}")
+    end = start + cut2 - cut1
+    parts = {"train": frame.iloc[:start], "val": frame.iloc[start:end], "test": frame.iloc[cut2:]}
+    if val_fold:
+        parts["gap"] = frame.iloc[end:cut2]
     for split, part in parts.items():
         if len(part) == 0:
             raise DataError(f"{name}: the {split} split is empty ({n} labelled rows after filtering); the data"
@@ -207,31 +218,34 @@ def split_frame(frame: pd.DataFrame, name: str) -> dict[str, pd.DataFrame]:
     return parts
 
 
-def labelled_splits(table: Table) -> dict[str, pd.DataFrame]:
+def labelled_splits(table: Table, val_fold: int = 0) -> dict[str, pd.DataFrame]:
     """Raw rows with history and label, sorted by time and split 8:1:1 (the rows a scorer would see)."""
     frame = sort_by_time(table.frame, table.timestamp)
     if table.history is not None:
         h = table.history
         frame["history"] = build_history(frame, h.user, h.item, table.timestamp, h.length)
     frame["label"] = make_labels(frame, table)
-    return split_frame(frame[frame["label"].notna()].reset_index(drop=True), table.name)
+    return split_frame(frame[frame["label"].notna()].reset_index(drop=True), table.name, val_fold)
 
 
 def prepare(data: str | Path, cache_dir: str | Path | None = None, history_length: int = 10,
-            template: str | dict[str, str] = "natural") -> Path:
-    """Prepare `data` (a directory or a schema YAML) once; return the directory holding the result."""
+            template: str | dict[str, str] = "natural", val_fold: int = 0) -> Path:
+    """Prepare `data` (a directory or a schema YAML) once; return the directory holding the result.
+    val_fold: which time block before test validates (0: the last one; see `split_frame`)."""
     try:
         preset(template)  # fail on a bad template before any work
     except ValueError as e:
         raise DataError(f"template: {e}") from None
     table = read_table(Path(data).expanduser(), history_length)
     options = {"history_length": history_length, "template": template, "split": SPLIT_FRACTIONS}
+    if val_fold:  # absent for fold 0, so caches prepared before folds existed stay valid
+        options["val_fold"] = val_fold
     key = fingerprint(table, options)
     out = Path(cache_dir or default_cache_dir()).expanduser() / "prepared" / f"{table.name}-{key[:16]}"
     if (out / "meta.json").is_file():
         return out
 
-    parts = labelled_splits(table)
+    parts = labelled_splits(table, val_fold)
     spec = build_spec(table, parts["train"])
 
     out.parent.mkdir(parents=True, exist_ok=True)
