@@ -31,6 +31,7 @@ import torch
 
 from ctrl.guards import ConfigError
 from ctrl.pipeline import finish_wandb, timed, train
+from ctrl.probe import TransferProbe
 from tabular2text.schema import atomic_write_text
 
 BASE, CTRL = "base", "ctrl"
@@ -153,15 +154,18 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     finish_wandb()
     metrics = {**val, **test}
     epochs = {"finetune": stage2.trainer.current_epoch}
+    curve: list[list[dict]] = []
     if stages.align is not None:
         metrics["align/val/loss"] = float(stages.align.trainer.checkpoint_callback.best_model_score)
         # the last stage-1 epoch's validation metrics, e.g. how often a text retrieves its own row
         metrics.update({f"align/{k}": v for k, v in stages.align.trainer.callback_metrics.items()
                         if k.startswith("val/") and k != "val/loss"})
         epochs["align"] = stages.align.trainer.current_epoch
+        curve = [c.history for c in stages.align.trainer.callbacks if isinstance(c, TransferProbe)]
     append_record(results, {
         "variant": variant.name, "backbone": backbone, "seed": seed,
         "metrics": {k: float(v) for k, v in metrics.items()}, "phases": phases, "epochs": epochs,
+        **({"align_curve": curve[0]} if curve else {}),
         **args, "overrides": variant_overrides(variant), "run_dir": str(run_dir),
         "command": command_line(), "finished": datetime.now().isoformat(timespec="seconds"),
     })

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from ctrl.data.datamodule import TensorDictDataset, keep_batch
 from ctrl.module import AlignmentModule
+from ctrl.probe import TransferProbe
 from finetune.module import load_aligned_tower
 from towers import DeepFM
 from towers.language import LanguageTower
@@ -51,6 +52,9 @@ class TextData(pl.LightningDataModule):
     def item_catalog(self) -> tuple[np.ndarray, list[str]]:
         ids = np.arange(2, self.feature_spec["item_id"].vocab_size)
         return ids, [f"this is a movie, title is {i}." for i in ids]
+
+    def tensors(self, split: str) -> dict[str, torch.Tensor]:
+        return self.rows
 
     def _loader(self) -> DataLoader:
         return DataLoader(TensorDictDataset(self.rows), batch_size=self.batch_size, collate_fn=keep_batch)
@@ -194,6 +198,29 @@ def test_masked_fields_are_unknown_to_the_tower_during_alignment(bert_dir, tmp_p
     for bad in ("age", "zip"):  # numeric, absent
         with pytest.raises(ValueError, match=f"masked_fields \\['{bad}'\\]"):
             make_module(bert_dir, tmp_path / "cache", masked_fields=(bad,))
+
+
+def test_transfer_probe_logs_a_linear_probe_auc_per_epoch_and_changes_no_training(bert_dir, tmp_path):
+    weights = []
+    for callbacks in ([], [TransferProbe(steps=20)]):
+        module = make_module(bert_dir, tmp_path / "cache")
+        pl.seed_everything(0)
+        trainer(max_epochs=2, callbacks=callbacks, deterministic=True).fit(module, datamodule=TextData(rows=32))
+        weights.append(module.tower.state_dict())
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
+    history = callbacks[0].history
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert all(0.0 <= h["val/probe_auc"] <= 1.0 and "val/retrieval_top1" in h for h in history)
+
+
+def test_transfer_probe_auc_on_separable_and_on_noise_features():
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(2000, generator=g) < 0.4).float()
+    noise = torch.randn(2000, 8, generator=g)
+    signal = torch.cat([noise[:, :7], y[:, None] * 3 + noise[:, 7:] * 0.1], 1)  # one column holds the label
+    probe = TransferProbe()
+    assert probe.probe_auc(signal[:1000], y[:1000], signal[1000:], y[1000:]) == 1.0
+    assert abs(probe.probe_auc(noise[:1000], y[:1000], noise[1000:], y[1000:]) - 0.5) < 0.06
 
 
 def test_entity_text_needs_a_frozen_tower_and_an_item_field(bert_dir, tmp_path):
