@@ -18,8 +18,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
 
-from ctrl.data.datamodule import CTRDataModule
 from finetune.module import CTRModule
+from tabular2text.datamodule import CTRDataModule
 from towers import BACKBONES
 
 SEED = 0

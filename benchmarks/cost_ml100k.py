@@ -45,12 +45,12 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
 
-from ctrl.data.datamodule import CTRDataModule, TensorDictDataset, keep_batch
-from ctrl.data.encode import frame_to_tensors
-from ctrl.data.prepare import default_cache_dir, labelled_splits, render_texts
-from ctrl.data.sources import read_table
 from ctrl.pipeline import finish_wandb, run
 from finetune.export import Scorer, encode_rows, load_model
+from tabular2text.datamodule import CTRDataModule, TensorDictDataset, keep_batch
+from tabular2text.encode import frame_to_tensors
+from tabular2text.prepare import default_cache_dir, labelled_splits, render_texts
+from tabular2text.sources import read_table
 from towers.collaborative import CTRModel
 from towers.language import LanguageTower
 from towers.mlp import MLP

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from jsonargparse import auto_cli
 
-from ctrl.data.datamodule import CTRDataModule
+from tabular2text.datamodule import CTRDataModule
 from towers.language import LanguageTower
 from towers.text_cache import FrozenEncoder
 

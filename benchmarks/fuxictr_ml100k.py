@@ -49,8 +49,8 @@ from fuxictr.pytorch.models import BaseModel
 from fuxictr.pytorch.torch_utils import seed_everything
 from fuxictr.utils import load_config, set_logger
 
-from ctrl.cli import lightning_cli
-from ctrl.data.datamodule import CTRDataModule
+from ctrl.lightning import lightning_cli
+from tabular2text.datamodule import CTRDataModule
 from tabular2text.schema import PAD, FeatureSpec
 
 SEED = 0

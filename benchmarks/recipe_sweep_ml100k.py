@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ctrl.cli import lightning_cli
-from tabular2text.schema import atomic_write_text
+from ctrl.lightning import lightning_cli
+from tabular2text.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "ml100k"

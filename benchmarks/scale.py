@@ -32,7 +32,7 @@ from jsonargparse import auto_cli
 ENCODE_ROWS = """
 import json, sys, time
 import numpy as np
-from ctrl.data.datamodule import CTRDataModule
+from tabular2text.datamodule import CTRDataModule
 from towers.language import LanguageTower
 from towers.text_cache import FrozenEncoder, distinct
 data_dir, limit, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]

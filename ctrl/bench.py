@@ -20,7 +20,6 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,10 +28,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ctrl.guards import ConfigError
 from ctrl.pipeline import finish_wandb, timed, train
 from ctrl.probe import TransferProbe
-from tabular2text.schema import atomic_write_text
+from finetune.guards import ConfigError
+from tabular2text.atomic import atomic_path, atomic_write_text
 
 BASE, CTRL = "base", "ctrl"
 RESULTS_FILE = "results.jsonl"
@@ -331,15 +330,8 @@ def write_plot(records: list[dict], backbones: list[str], path: Path) -> None:
     ax.set_xlim(-0.5, len(shown) - 0.5)
     ax.set_ylabel("test AUC (mean ± std over seeds)")
     ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(records: list[dict], backbones: list[str], report: Path, plot: Path, include: list[Path],

@@ -3,6 +3,7 @@
     ctrl prepare --data_dir DIR          prepare a data set; print split sizes, positive rates and texts
     ctrl run --align A.yaml --finetune F.yaml   the main job: stage 1 -> stage 2 -> test -> export
     ctrl bench --config configs/bench/ml100k.yaml   base vs CTRL over backbones and seeds -> RESULTS.md
+    ctrl export --ckpt_path P --out DIR  export a stage-2 checkpoint for serving (weights, spec, model.pt2)
     ctrl fit --config C.yaml             train one stage (Lightning CLI; the model's class_path picks it)
     ctrl validate --config C.yaml --ckpt_path P   validation metrics of a checkpoint
     ctrl test --config C.yaml --ckpt_path P       test metrics of a checkpoint (all rows and cold start)
@@ -18,19 +19,16 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-import torch
-import yaml
 from jsonargparse import CLI
-from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from ctrl.bench import bench
-from ctrl.data.datamodule import CTRDataModule
-from ctrl.data.sources import DataError
-from ctrl.guards import STAGE_NAMES, CheckpointError, ConfigError, NonFiniteLossError, checkpoint_stage
+from ctrl.lightning import lightning_cli
 from ctrl.pipeline import finish_wandb, run
-from tabular2text.schema import FeatureSpec
+from finetune.guards import CheckpointError, ConfigError, NonFiniteLossError
+from finetune.module import export_checkpoint
+from tabular2text.datamodule import CTRDataModule
+from tabular2text.sources import DataError
 
 
 def prepare(*, data_dir: str, download: bool = False, history_length: int = 10,
@@ -57,58 +55,6 @@ def prepare(*, data_dir: str, download: bool = False, history_length: int = 10,
         print(f"\n{user} {item}")
 
 
-class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Besides config.yaml in the log directory, send the full resolved config to the run's loggers (W&B)."""
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        if trainer.loggers:
-            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-            for logger in trainer.loggers:
-                logger.log_hyperparams({"config": config})
-
-
-class CTRLCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        # The model gets vocabularies and field kinds from the prepared data, never from repeated YAML.
-        # Linked as a plain dict: jsonargparse cannot link into dataclass-typed parameters, and a dict is
-        # saved with the checkpoint's hyper-parameters, so a checkpoint knows the data it was trained on.
-        parser.link_arguments("data.feature_spec", "model.init_args.feature_spec", compute_fn=FeatureSpec.to_dict,
-                              apply_on="instantiate")
-
-    def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        # Checkpoints go to <default_root_dir>/checkpoints, not into a folder per logger run: W&B names that
-        # folder by a run id that is new on every start, which would hide last.ckpt from `--ckpt_path last`.
-        for callback in self.trainer.checkpoint_callbacks:
-            if callback.dirpath is None:
-                callback.dirpath = os.path.realpath(os.path.join(self.trainer.default_root_dir, "checkpoints"))
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI rebuilds the module a --ckpt_path names, whatever the config says: `ctrl test` with a
-        # finetune config and an alignment checkpoint would quietly run stage-1 validation. Refuse instead.
-        config = self.config.get(self.config.get("subcommand") or "", {})
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file():
-            try:
-                ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-            except Exception as e:
-                raise CheckpointError(f"--ckpt_path {ckpt_path} is not a readable checkpoint ({e}); it may be"
-                                      " truncated: pass another one (e.g. the previous last.ckpt or best.ckpt)") from e
-            saved = ckpt.get("hyper_parameters", {}).get("_class_path") if isinstance(ckpt, dict) else None
-            wanted = config.get("model", {}).get("class_path")
-            if saved and wanted and saved != wanted:
-                stage = STAGE_NAMES.get(checkpoint_stage(ckpt.get("state_dict", {})), "other")
-                raise CheckpointError(f"--ckpt_path {ckpt_path} is a {stage} checkpoint of {saved}, but the config"
-                                      f" builds {wanted}; pass a checkpoint written with this config")
-        super()._parse_ckpt_path()
-
-
-def lightning_cli(args: list[str] | None, run: bool = True) -> CTRLCLI:
-    """The Lightning CLI of both stages (the model's class_path picks the stage)."""
-    return CTRLCLI(datamodule_class=CTRDataModule, subclass_mode_model=True, args=args, run=run,
-                   save_config_callback=LoggerSaveConfigCallback, save_config_kwargs={"overwrite": True})
-
-
 USER_ERRORS = (DataError, ConfigError, FileNotFoundError, CheckpointError, NonFiniteLossError)
 
 
@@ -120,7 +66,18 @@ def user_error(error: BaseException | None) -> BaseException | None:
     return error
 
 
-COMMANDS = {"prepare": prepare, "run": run, "bench": bench}
+def export(*, ckpt_path: str, out: str) -> None:
+    """Export a stage-2 (fine-tuned) checkpoint for serving: weights, feature spec and model.pt2, loadable
+    with finetune.export.load_scorer in a process without Lightning or a language model.
+
+    Args:
+        ckpt_path: a checkpoint of `ctrl fit` with a finetune_*.yaml config, e.g. .../checkpoints/best.ckpt.
+        out: the export directory; an existing one is replaced only once the new export is complete.
+    """
+    print(f"exported: {export_checkpoint(ckpt_path, out)}")
+
+
+COMMANDS = {"prepare": prepare, "run": run, "bench": bench, "export": export}
 
 
 def main(args: list[str] | None = None) -> None:

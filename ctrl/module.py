@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from ctrl.data.prepare import default_cache_dir
-from ctrl.guards import check_resumed_checkpoint, require_finite
 from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
+from finetune.guards import check_resumed_checkpoint, require_finite
+from tabular2text.prepare import default_cache_dir
 from tabular2text.schema import OOV, FeatureSpec
-from towers.collaborative import CollaborativeTower
+from towers.collaborative import CollaborativeTower, backbone_config
 from towers.language import LanguageTower, Pooling, model_config
 from towers.text_cache import FrozenEncoder, Precision, TextVectorCache
 
@@ -103,6 +103,7 @@ class AlignmentModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
+        self.hparams.backbone = backbone_config(backbone)  # what rebuilds the tower (load_from_checkpoint, export)
         spec = FeatureSpec.from_dict(feature_spec)
         self.tower = backbone(spec)
         if text_granularity not in ("row", "entity"):
@@ -138,6 +139,9 @@ class AlignmentModule(pl.LightningModule):
         # texts, memory-mapped; per row, its text's index); entity: item id -> H, the history items' vectors
         self.frozen_text_vectors: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.item_vectors: Tensor | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["stage"] = 1  # read by checkpoint_stage: which stage wrote a checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resumed_checkpoint(checkpoint, 1, self.hparams.feature_spec)

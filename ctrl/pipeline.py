@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from pytorch_lightning.cli import LightningCLI
 from torchmetrics.functional.classification import binary_auroc
 
-from ctrl.data.prepare import labelled_splits
-from ctrl.data.sources import read_table
+from ctrl.lightning import lightning_cli
 from finetune.export import export_model, load_scorer
+from tabular2text.prepare import labelled_splits
+from tabular2text.sources import read_table
 
 
 @contextmanager
@@ -67,7 +68,6 @@ def train(*, finetune: str, align: str | None = None, out: Path, align_args: Seq
             last, so they override the config and the output directories (e.g. ["--trainer.logger", "false"]).
         finetune_args: the same for stage 2.
     """
-    from ctrl.cli import lightning_cli  # imported here: ctrl.cli imports this module
 
     phases: dict[str, float] = {}
 
@@ -115,7 +115,8 @@ def run(*, finetune: str, align: str | None = None, data_dir: str | None = None,
     with timed(phases, "test"):
         (metrics,) = stage2.trainer.test(stage2.model, datamodule=stage2.datamodule, ckpt_path="best")
     with timed(phases, "export"):
-        export_dir = export_model(stage2.model.model, stage2.datamodule.feature_spec, out_dir / "export")
+        export_dir = export_model(stage2.model.model, stage2.datamodule.feature_spec, stage2.model.hparams.backbone,
+                                  out_dir / "export")
     with timed(phases, "score export"):
         # A fresh load of the export scores the raw test rows, as a serving system would.
         test_rows = labelled_splits(read_table(Path(stage2.datamodule.hparams.data_dir)))["test"]

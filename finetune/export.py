@@ -2,7 +2,7 @@
 
 An export directory holds:
     weights.safetensors   the CTR model's weights (no pickle)
-    model.json            backbone name + init args (rebuilds the model), file checksums
+    model.json            the backbone's class_path + init_args (rebuild the model), file checksums
     feature_spec.json     fields and vocabularies: raw values -> ids, exactly as in training
     model.pt2             the same model as a `torch.export` program (for runtimes without this package)
 
@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +20,14 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from ctrl.data.encode import encode_column, frame_to_tensors
+from tabular2text.atomic import atomic_path
+from tabular2text.encode import encode_column, frame_to_tensors
 from tabular2text.schema import FeatureSpec
 from tabular2text.templates import format_value, is_missing
-from towers.collaborative import BACKBONES, CTRModel
+from towers.collaborative import BACKBONES, CTRModel, build_backbone
 
 EXPORT_FORMAT = "ctrl-rec/collaborative-model"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 1: the backbone by its towers.BACKBONES name
 FILES = ("weights.safetensors", "feature_spec.json", "model.pt2")
 
 
@@ -37,12 +35,14 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export_model(model: CTRModel, spec: FeatureSpec, out_dir: str | Path) -> Path:
-    """Write `model` and `spec` to `out_dir`; the directory appears complete or not at all."""
+def export_model(model: CTRModel, spec: FeatureSpec, backbone: dict | None, out_dir: str | Path) -> Path:
+    """Write `model`, `spec` and the backbone config that rebuilds the tower (`towers.backbone_config`) to
+    `out_dir`; the directory appears complete or not at all."""
+    if not backbone:
+        raise ValueError("the model's backbone config is unknown (the tower was built by a callable that is not a"
+                         " backbone class or a partial of one); build it from a towers class to export it")
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_path(out, directory=True) as tmp:  # an older export is replaced only by a complete one
         model = model.eval()
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "weights.safetensors")
         spec.save(tmp / "feature_spec.json")
@@ -51,20 +51,9 @@ def export_model(model: CTRModel, spec: FeatureSpec, out_dir: str | Path) -> Pat
         shapes = {"batch": {k: {0: batch} for k in example}}
         torch.export.save(torch.export.export(model, (example,), dynamic_shapes=shapes, strict=False),
                           tmp / "model.pt2")
-        name, init_args = model.tower.config
-        meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "backbone": name, "init_args": init_args,
+        meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "backbone": backbone,
                 "sha256": {f: sha256(tmp / f) for f in FILES}}
         (tmp / "model.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():  # replace an older export only once the new one is complete
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -86,10 +75,17 @@ def load_model(export_dir: str | Path) -> tuple[CTRModel, FeatureSpec]:
         if sha256(d / name) != digest:
             raise ValueError(f"{d / name} does not match its checksum in model.json (truncated or modified);"
                              " export the model again")
-    if meta["backbone"] not in BACKBONES:
-        raise ValueError(f"{meta_path}: unknown backbone {meta['backbone']!r}; known: {', '.join(BACKBONES)}")
+    backbone = meta["backbone"]
+    if isinstance(backbone, str):  # version 1
+        if backbone not in BACKBONES:
+            raise ValueError(f"{meta_path}: unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
+        cls = BACKBONES[backbone]
+        backbone = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": meta["init_args"]}
     spec = FeatureSpec.load(d / "feature_spec.json")
-    model = CTRModel(BACKBONES[meta["backbone"]](spec, **meta["init_args"]))
+    try:
+        model = CTRModel(build_backbone(backbone, spec))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{meta_path}: {e}") from e
     model.load_state_dict(load_file(d / "weights.safetensors"))
     return model.eval(), spec
 

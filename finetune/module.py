@@ -19,9 +19,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from ctrl.guards import CheckpointError, check_resumed_checkpoint, checkpoint_stage, require_finite, spec_mismatch
+from finetune.export import export_model
+from finetune.guards import CheckpointError, check_resumed_checkpoint, checkpoint_stage, require_finite, spec_mismatch
 from tabular2text.schema import OOV, FeatureSpec
-from towers.collaborative import CollaborativeTower, CTRModel
+from towers.collaborative import CollaborativeTower, CTRModel, backbone_config
 
 Batch = dict[str, torch.Tensor]
 # test_cold: test rows whose user or item never appears in train (their id is out-of-vocabulary).
@@ -40,7 +41,7 @@ def load_aligned_tower(path: str | Path, tower: CollaborativeTower, spec: Featur
     except Exception as e:
         raise CheckpointError(f"init_from: {path} is not a readable checkpoint ({e})") from e
     state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
-    if checkpoint_stage(state) == 2:
+    if checkpoint_stage(ckpt) == 2:
         raise CheckpointError(f"init_from: {path} is a stage-2 (fine-tuned) checkpoint; init_from takes a stage-1"
                               " alignment checkpoint (to evaluate a stage-2 checkpoint, pass it as --ckpt_path)")
     tower_state = {k.removeprefix("tower."): v for k, v in state.items() if k.startswith("tower.")}
@@ -87,6 +88,7 @@ class CTRModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
+        self.hparams.backbone = backbone_config(backbone)  # what rebuilds the tower (load_from_checkpoint, export)
         self.spec = FeatureSpec.from_dict(feature_spec)
         self.model = CTRModel(backbone(self.spec))
         self.auc = nn.ModuleDict({s: BinaryAUROC() for s in EVAL_SLICES})
@@ -97,6 +99,9 @@ class CTRModule(pl.LightningModule):
         # restored after this hook, so it overrides the aligned start as it should.
         if stage == "fit" and self.hparams.init_from:
             load_aligned_tower(self.hparams.init_from, self.model.tower, self.spec, self.hparams.init_keep)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["stage"] = 2  # read by checkpoint_stage: which stage wrote a checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resumed_checkpoint(checkpoint, 2, self.hparams.feature_spec)
@@ -141,3 +146,23 @@ class CTRModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
+    """Export a stage-2 checkpoint (of `ctrl fit` with a finetune config) for serving (finetune/export.py);
+    a stage-1 checkpoint or another file is refused with a CheckpointError saying what to pass."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"--ckpt_path {path} is not a readable checkpoint ({e})") from e
+    stage = checkpoint_stage(ckpt)
+    if stage != 2:
+        what = "a stage-1 (alignment) checkpoint" if stage == 1 else "not a ctrl-rec checkpoint"
+        raise CheckpointError(f"--ckpt_path {path} is {what}; export takes a stage-2 checkpoint: fine-tune first"
+                              " (ctrl fit --config configs/ml100k/finetune_dcn.yaml --model.init_args.init_from"
+                              " ALIGN.ckpt) and export its best.ckpt")
+    module = CTRModule.load_from_checkpoint(path, map_location="cpu")
+    return export_model(module.model, module.spec, module.hparams.backbone, out)

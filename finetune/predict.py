@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+
+from tabular2text.atomic import atomic_path
 
 
 class ParquetPredictionWriter(BasePredictionWriter):
@@ -30,12 +30,6 @@ class ParquetPredictionWriter(BasePredictionWriter):
         if "label" in tensors:
             columns["label"] = tensors["label"].numpy()
         path = Path(trainer.default_root_dir) / self.output_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".parquet.tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             pd.DataFrame(columns).to_parquet(tmp, index=False)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
         print(f"wrote {len(columns['row'])} predictions to {path}")

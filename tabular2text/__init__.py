@@ -1,4 +1,5 @@
-"""Turn tabular rows and behavior sequences into text (CTRL stage 0)."""
+"""The table side: readers of each layout (sources), preparation into parquet + feature spec (prepare,
+encode), the templates that turn rows and behavior sequences into text, and the Lightning data module."""
 
 from tabular2text.schema import OOV, PAD, FeatureSpec, Field
 

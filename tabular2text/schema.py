@@ -16,11 +16,11 @@ Batch convention (what the data module serves and the towers consume):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
+
+from tabular2text.atomic import atomic_write_text
 
 FieldKind = Literal["categorical", "multi_valued", "sequence", "numeric"]
 Side = Literal["user", "item", "context"]
@@ -147,16 +147,3 @@ class FeatureSpec:
             raise FileNotFoundError(f"feature spec not found: {path}") from None
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a valid feature spec ({e}); prepare the data again") from e
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see either the old content or the new one, never a half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

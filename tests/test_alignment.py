@@ -12,10 +12,10 @@ import torch
 from conftest import synthetic_batch, synthetic_spec
 from torch.utils.data import DataLoader
 
-from ctrl.data.datamodule import TensorDictDataset, keep_batch
 from ctrl.module import AlignmentModule
 from ctrl.probe import TransferProbe
 from finetune.module import load_aligned_tower
+from tabular2text.datamodule import TensorDictDataset, keep_batch
 from towers import DeepFM
 from towers.language import LanguageTower
 from towers.text_cache import FrozenEncoder
@@ -249,7 +249,9 @@ def test_checkpoint_holds_tower_for_stage_2_and_maps_but_no_language_model(bert_
     state = checkpoint["state_dict"]
     assert {k.split(".")[0] for k in state} == {"tower", "tab_proj", "text_proj", "tab_subspaces", "text_subspaces"}
     hparams = checkpoint["hyper_parameters"]
-    assert hparams["temperature"] == 0.7 and "backbone" not in hparams
+    assert hparams["temperature"] == 0.7 and checkpoint["stage"] == 1
+    assert hparams["backbone"]["class_path"] == "towers.collaborative.DeepFM"  # the config, not a pickled class
+    assert hparams["backbone"]["init_args"]["embed_dim"] == 8
     assert hparams["feature_spec"] == ENTITY_SPEC.to_dict()
     tower = TOWER(ENTITY_SPEC)
     load_aligned_tower(tmp_path / "align.ckpt", tower, ENTITY_SPEC)  # what stage 2's init_from does

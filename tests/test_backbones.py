@@ -1,6 +1,6 @@
-
 """Seeded checks of the field embeddings, the interaction parts and every registered backbone."""
 
+import functools
 import inspect
 import json
 
@@ -127,9 +127,30 @@ def test_paper_defaults():
         assert defaults["batch_norm"] and 0 < defaults["dropout"] < 1
 
 
-def test_init_args_rebuild_the_same_tower(spec):
+def test_backbone_config_rebuilds_the_same_tower(spec):
+    """From a class, a functools.partial and what jsonargparse builds of a class_path config alike."""
+    from collections.abc import Callable
+
+    from jsonargparse import ArgumentParser
+
+    from towers.collaborative import CollaborativeTower, backbone_config, build_backbone
+
+    parser = ArgumentParser()
+    parser.add_argument("--backbone", type=Callable[[type(spec)], CollaborativeTower])
     for name, cls in BACKBONES.items():
         tower = cls(spec, embed_dim=8, dropout=0.3)
-        assert tower.config[0] == name and tower.config[1]["embed_dim"] == 8 and tower.config[1]["dropout"] == 0.3
-        rebuilt = BACKBONES[name](spec, **tower.config[1])
-        assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in tower.parameters()]
+        parsed = parser.instantiate_classes(parser.parse_object(
+            {"backbone": {"class_path": f"towers.{cls.__name__}", "init_args": {"embed_dim": 8, "dropout": 0.3}}}))
+        for factory in (functools.partial(cls, embed_dim=8, dropout=0.3), parsed.backbone):
+            config = backbone_config(factory)
+            assert config["class_path"] == f"towers.collaborative.{cls.__name__}", name
+            assert config["init_args"]["embed_dim"] == 8 and config["init_args"]["dropout"] == 0.3
+            rebuilt = build_backbone(config, spec)
+            assert type(rebuilt) is cls
+            assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in tower.parameters()]
+        assert backbone_config(cls)["init_args"]["embed_dim"] == 32  # defaults filled in
+    assert backbone_config(lambda s: BACKBONES["dcn"](s)) is None
+    with pytest.raises(ValueError, match="not in towers and its module is not imported"):
+        build_backbone({"class_path": "evil.Backbone", "init_args": {}}, spec)
+    with pytest.raises(ValueError, match="is not a towers.CollaborativeTower"):
+        build_backbone({"class_path": "towers.mlp.MLP", "init_args": {}}, spec)

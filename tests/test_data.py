@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ctrl.cli import main
-from ctrl.data.datamodule import CTRDataModule
-from ctrl.data.download import ensure_movielens_100k
-from ctrl.data.prepare import prepare
+from tabular2text.datamodule import CTRDataModule
+from tabular2text.download import ensure_movielens_100k
+from tabular2text.prepare import prepare
 from tabular2text.schema import OOV, FeatureSpec
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
@@ -48,7 +48,7 @@ def test_ml100k_paper_protocol(ml100k):
 def test_val_fold_validates_on_an_earlier_block_and_keeps_test(ml100k, cache):
     """val_fold 1: validation is the block before the usual one, train everything before it, the usual
     validation rows become the gap; test is the same rows; out-of-range folds are refused by name."""
-    from ctrl.data.prepare import DataError
+    from tabular2text.prepare import DataError
 
     fold = prepare(ML100K, cache, val_fold=1)
     assert fold != ml100k
@@ -78,7 +78,7 @@ def test_history_is_the_k_most_recent_strictly_earlier_items(ml100k):
 
 def test_history_by_hand_ties_length_and_rows_without_user():
     """Same-time rows never see each other; only the newest `length` items are kept; no user, no history."""
-    from ctrl.data.prepare import build_history
+    from tabular2text.prepare import build_history
 
     frame = pd.DataFrame({"u": ["a", None, "a", None, "b", "a", "a", "a"], "i": list("xyzwvqrs"),
                           "t": [1, 2, 2, 3, 3, 3, 3, 4]})
@@ -133,8 +133,8 @@ def test_datamodule_batches_follow_the_contract(ml100k, cache):
 def test_rendering_once_per_entity_equals_rendering_every_row(ml100k, cache):
     """prepare renders each distinct user and item once and only the behavior phrase per row; that must give
     exactly the text of TextRenderer.render on every row (ML-100K train and the generic shop data)."""
-    from ctrl.data.prepare import labelled_splits, render_texts
-    from ctrl.data.sources import read_table
+    from tabular2text.prepare import labelled_splits, render_texts
+    from tabular2text.sources import read_table
     from tabular2text.templates import TextRenderer, preset
 
     for source in (ML100K, write_generic(Path(str(cache)) / "shop-render")):

@@ -12,10 +12,10 @@ import torch
 from conftest import wandb_records
 
 from ctrl.cli import main
-from ctrl.data.encode import frame_to_tensors
-from ctrl.data.prepare import labelled_splits
-from ctrl.data.sources import read_table
 from finetune.export import encode_rows, load_scorer
+from tabular2text.encode import frame_to_tensors
+from tabular2text.prepare import labelled_splits
+from tabular2text.sources import read_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -39,6 +39,35 @@ def test_stage2_fast_dev_run_per_paper_backbone(tmp_path, cache, backbone):
           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.fast_dev_run", "2"])
 
 
+def test_a_ctrl_fit_checkpoint_reloads_without_arguments_and_exports(tmp_path, cache, capsys):
+    """`ctrl fit` -> CTRModule.load_from_checkpoint(best.ckpt) with no arguments predicts as the trained
+    model; `ctrl export` of it scores raw test rows the same; a stage-1 checkpoint is refused in one line."""
+    from finetune.module import CTRModule
+
+    main(["fit", *fit_args(tmp_path, cache, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5",
+                           "--trainer.logger", "false")])
+    ckpt = tmp_path / "checkpoints" / "best.ckpt"
+    module = CTRModule.load_from_checkpoint(ckpt).eval()
+    assert module.hparams.backbone["class_path"] == "towers.collaborative.DCN"
+    assert module.hparams.backbone["init_args"]["mlp_dims"] == [256, 128, 64]
+    rows = labelled_splits(read_table(ML100K))["test"].head(500).reset_index(drop=True)
+    with torch.no_grad():
+        expected = torch.sigmoid(module(frame_to_tensors(encode_rows(rows, module.spec), module.spec))).numpy()
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "export")])
+    assert "exported:" in capsys.readouterr().out
+    np.testing.assert_allclose(load_scorer(tmp_path / "export")(rows), expected, atol=1e-6)
+
+    state = torch.load(ckpt, weights_only=True)
+    assert state["stage"] == 2
+    state["stage"] = 1
+    torch.save(state, tmp_path / "align.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", str(tmp_path / "align.ckpt"), "--out", str(tmp_path / "export2")])
+    assert exit_info.value.code == 2
+    assert "is a stage-1 (alignment) checkpoint; export takes a stage-2 checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "export2").exists()
+
+
 def test_train_export_and_score_raw_rows_in_a_fresh_process(tmp_path, cache, capsys):
     """One real epoch, test, predict to parquet, export; a new process loads the export and scores raw
     test rows: equal to the fine-tuned model's predictions within 1e-6. W&B wrote its files offline."""
@@ -57,9 +86,9 @@ def test_train_export_and_score_raw_rows_in_a_fresh_process(tmp_path, cache, cap
 
     script = f"""
 import sys, numpy as np
-from ctrl.data.prepare import labelled_splits
-from ctrl.data.sources import read_table
-from ctrl.data.encode import frame_to_tensors
+from tabular2text.prepare import labelled_splits
+from tabular2text.sources import read_table
+from tabular2text.encode import frame_to_tensors
 from finetune.export import encode_rows, load_scorer
 rows = labelled_splits(read_table({str(ML100K)!r}))["test"].drop(columns=["label", "rating"])
 np.save({str(tmp_path / 'scores.npy')!r}, load_scorer({str(out / 'export')!r})(rows))

@@ -13,9 +13,9 @@ from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC
 
-from ctrl.data.datamodule import TensorDictDataset, keep_batch
-from ctrl.guards import NonFiniteLossError
+from finetune.guards import NonFiniteLossError
 from finetune.module import CTRModule
+from tabular2text.datamodule import TensorDictDataset, keep_batch
 from towers import DIN, DeepFM
 
 

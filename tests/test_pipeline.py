@@ -10,8 +10,8 @@ import yaml
 from conftest import small_config, wandb_records, write_small_ml1m  # noqa: F401 (shared)
 
 from ctrl.cli import main
-from ctrl.guards import CheckpointError
 from finetune.export import load_model
+from finetune.guards import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "ml100k").glob("*.yaml"))
@@ -127,9 +127,9 @@ def test_checkpoint_of_the_wrong_stage_is_refused(small_run, bert_dir):
     """Through Lightning directly (LightningCLI instead rebuilds whatever module the checkpoint holds)."""
     import pytorch_lightning as pl
 
-    from ctrl.data.datamodule import CTRDataModule
     from ctrl.module import AlignmentModule
     from finetune.module import CTRModule
+    from tabular2text.datamodule import CTRDataModule
     from towers import DCN
 
     with pytest.MonkeyPatch.context() as mp:

@@ -13,7 +13,8 @@ import torch
 import yaml
 from conftest import CONFIGS, small_config, write_small_ml1m
 
-from ctrl.cli import lightning_cli, main
+from ctrl.cli import main
+from ctrl.lightning import lightning_cli
 
 KILL_AT_STEP = 14  # the fits below have 10 steps per epoch and save last.ckpt every 3 steps
 

@@ -1,7 +1,8 @@
 """The collaborative tower: field embeddings -> backbone -> representation (the layer under the logit).
 
 Every backbone takes the feature spec as its first positional argument and typed keyword
-hyper-parameters after it, so `BACKBONES[name](spec, **init_args)` rebuilds any of them. Each
+hyper-parameters after it, so `{"class_path": ..., "init_args": ...}` (`backbone_config`) rebuilds any of
+them (`build_backbone`). Each
 `forward` returns the representation chosen so that one linear read-out of it is the usual model:
 first-order (wide / LR) parts are returned per field and FM-style parts as their interaction vector,
 so the read-out's weights can reproduce their sums.
@@ -10,7 +11,9 @@ so the read-out's weights can reproduce their sums.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -46,36 +49,10 @@ class CollaborativeTower(nn.Module):
     """
 
     output_dim: int
-    init_args: dict
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        # Record each backbone's keyword arguments (defaults filled in) so that an export can rebuild it
-        # as BACKBONES[name](spec, **init_args) without pickling or importing a class by its path.
-        super().__init_subclass__(**kwargs)
-        init, signature = cls.__init__, inspect.signature(cls.__init__)
-
-        @functools.wraps(init)
-        def recording_init(self, spec: FeatureSpec, **init_args) -> None:
-            init(self, spec, **init_args)
-            if type(self) is cls:
-                bound = signature.bind(self, spec, **init_args)
-                bound.apply_defaults()
-                self.init_args = {k: list(v) if isinstance(v, tuple) else v
-                                  for k, v in bound.arguments.items() if k not in ("self", "spec")}
-
-        cls.__init__ = recording_init
 
     def __init__(self, spec: FeatureSpec, embed_dim: int) -> None:
         super().__init__()
         self.embedding = FieldEmbedding(spec, embed_dim)
-
-    @property
-    def config(self) -> tuple[str, dict]:
-        """(registry name, init args): what `BACKBONES[name](spec, **init_args)` needs to rebuild this tower."""
-        names = [name for name, cls in BACKBONES.items() if cls is type(self)]
-        if not names:
-            raise ValueError(f"{type(self).__name__} is not in towers.BACKBONES; register it to export it")
-        return names[0], dict(self.init_args)
 
     def field_embeddings(self, batch: Batch) -> torch.Tensor:
         """B x F x E, one slot per field in spec order."""
@@ -416,3 +393,32 @@ class CTRModel(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.head(self.tower(batch)).squeeze(-1)
+
+
+def backbone_config(factory: object) -> dict | None:
+    """{"class_path", "init_args"} (defaults filled in) of what builds a tower from a spec: a backbone class,
+    or a functools.partial of one (what jsonargparse makes of a config's class_path and init_args); None
+    for any other callable."""
+    args, keywords, func = (), {}, factory
+    if isinstance(factory, functools.partial):
+        args, keywords, func = factory.args, dict(factory.keywords), factory.func
+    cls = next((a for a in (*args, func) if isinstance(a, type) and issubclass(a, CollaborativeTower)), None)
+    if cls is None:
+        return None
+    defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    init_args = {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **keywords}.items()}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def build_backbone(config: dict, spec: FeatureSpec) -> CollaborativeTower:
+    """The tower `config` (as from `backbone_config`) describes, on `spec`. Only a CollaborativeTower of
+    `towers` or of a module already imported is built: a config from a file never imports code of its own."""
+    module_name, _, name = config["class_path"].rpartition(".")
+    if module_name not in sys.modules and not module_name.startswith("towers."):
+        raise ValueError(f"backbone {config['class_path']!r} is not in towers and its module is not imported;"
+                         " import it before loading")
+    cls = getattr(importlib.import_module(module_name), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, CollaborativeTower)):
+        raise ValueError(f"backbone {config['class_path']!r} is not a towers.CollaborativeTower")
+    return cls(spec, **config["init_args"])

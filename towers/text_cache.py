@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tabular2text.atomic import atomic_path
 from towers.language import LanguageTower
 
 CACHE_VERSION = 2  # bump when tokenization, pooling or the file layout change what a key stands for
@@ -254,7 +254,7 @@ class TextVectorCache:
     @contextmanager
     def _writing(self, key: str, rows: int, dim: int, precision: str) -> Iterator[np.ndarray]:
         """A rows x dim memory-mapped array to fill; on exit the entry gets its checksum and is renamed in."""
-        with atomic_dir(self.entry(key)) as tmp:
+        with atomic_path(self.entry(key), directory=True) as tmp:
             out = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(rows, dim))
             yield out
             out.flush()
@@ -295,7 +295,7 @@ class TextVectorCache:
             return np.load(self.entry(key) / "vectors.npy", mmap_mode="r")  # just written: no second checksum pass
         shards = self.root / f".{key[:32]}.shards-{world_size}"
         start, stop = shard_bounds(n, rank, world_size)
-        with atomic_dir(shards / f"rank{rank}") as tmp:
+        with atomic_path(shards / f"rank{rank}", directory=True) as tmp:
             out = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(stop - start, dim))
             encode(out, texts[start:stop])
             out.flush()
@@ -316,22 +316,6 @@ class TextVectorCache:
         if vectors is None:
             raise RuntimeError(f"text cache entry {self.entry(key)} was not written; is {self.root} seen by all ranks?")
         return vectors
-
-
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Fill a temporary sibling directory, then rename it to `path` (replacing what was there: a damaged
-    entry or a stale shard is never reused); on an error nothing is left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the cache is shared like any other cache
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def distinct(first: Sequence[str], second: Sequence[str] | None) -> tuple[list, np.ndarray]:

@@ -14,16 +14,16 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ctrl.data.encode import encode_column, flatten_lists, missing_mask
-from ctrl.data.sources import DataError, Table, read_table
+from tabular2text.atomic import atomic_path
+from tabular2text.encode import encode_column, flatten_lists, missing_mask
 from tabular2text.schema import OOV, FeatureSpec
+from tabular2text.sources import DataError, Table, read_table
 from tabular2text.templates import TextRenderer, format_value, is_missing, preset
 
 FORMAT_VERSION = 3  # bump when the prepared layout or its semantics change
@@ -204,7 +204,7 @@ def split_frame(frame: pd.DataFrame, name: str, val_fold: int = 0) -> dict[str, 
     cut1, cut2 = int(n * SPLIT_FRACTIONS[0]), int(n * (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]))
     block = cut2 - cut1
     start = cut1 - val_fold * block
-    if val_fold < 0 or start < max(1, block):
+    if val_fold < 0 or (val_fold and start < max(1, block)):
         raise DataError(f"{name}: val_fold {val_fold} leaves fewer training rows than one validation block; use 0"
                         f" (the last block before test) up to {max(0, cut1 // max(1, block) - 1)}")
     end = start + cut2 - cut1
@@ -248,9 +248,10 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
     parts = labelled_splits(table, val_fold)
     spec = build_spec(table, parts["train"])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    if out.exists() and not (out / "meta.json").is_file():  # a leftover: results appear complete, by a rename
+        shutil.rmtree(out)
+    # replace=False: a concurrent run (another DDP rank) that finished first wrote the same result
+    with atomic_path(out, directory=True, replace=False) as tmp:
         sizes = {}
         for split, part in parts.items():
             columns = {f.name: encode_column(part[f.name], f, spec) for f in spec.fields}
@@ -269,11 +270,4 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
                 "sources": [str(p) for p in table.sources], "splits": sizes, "timestamp": table.timestamp,
                 "label": asdict(table.label)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(tmp, out)
-        except OSError:  # a concurrent run (another DDP rank) finished first: its result is identical
-            if not (out / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

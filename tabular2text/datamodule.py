@@ -13,9 +13,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ctrl.data.download import ensure_movielens_100k
-from ctrl.data.encode import frame_to_tensors
-from ctrl.data.prepare import SPLITS, prepare
+from tabular2text.download import ensure_movielens_100k
+from tabular2text.encode import frame_to_tensors
+from tabular2text.prepare import SPLITS, prepare
 from tabular2text.schema import FeatureSpec
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
+
+from tabular2text.atomic import atomic_path
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 GROUPLENS_MD5 = "0e33842e24a9c977be4e0107933c0723"
@@ -57,9 +57,7 @@ def ensure_movielens_100k(target: Path) -> Path:
     target = Path(target)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_path(target, directory=True, replace=False) as tmp:
         try:
             from_grouplens(tmp)
         except (OSError, ValueError) as e:
@@ -72,7 +70,4 @@ def ensure_movielens_100k(target: Path) -> Path:
             except (OSError, ValueError, subprocess.CalledProcessError, StopIteration) as e2:
                 raise RuntimeError(f"could not download MovieLens-100K to {target}: GroupLens failed ({e}) and"
                                    f" the {RECBOLE_WHEEL} wheel failed ({e2}); copy the data there by hand") from e2
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

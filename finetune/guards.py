@@ -1,4 +1,5 @@
-"""Checks shared by both training stages."""
+"""Checks shared by both training stages (stage 1 imports them from here; this package imports nothing of
+stage 1)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,12 @@ def require_finite(loss: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
     return loss
 
 
-def checkpoint_stage(state_dict: dict) -> int | None:
-    """1 for an alignment checkpoint (it has projection heads), 2 for a fine-tuned one (it has the CTR head)."""
-    if "tab_proj.weight" in state_dict:
-        return 1
-    if "model.head.weight" in state_dict:
-        return 2
-    return None
+def checkpoint_stage(checkpoint: dict) -> int | None:
+    """The stage that wrote a Lightning checkpoint (its top-level `stage`, set by each stage's module: 1
+    alignment, 2 fine-tuning), or None when it is not a ctrl-rec checkpoint. Not a hyper-parameter: the
+    Lightning CLI passes those back to the constructor when it reloads a checkpoint."""
+    stage = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
+    return stage if stage in STAGE_NAMES else None
 
 
 def spec_mismatch(expected: FeatureSpec, found: dict) -> str | None:
@@ -55,7 +55,7 @@ def spec_mismatch(expected: FeatureSpec, found: dict) -> str | None:
 
 def check_resumed_checkpoint(checkpoint: dict, stage: int, feature_spec: dict) -> None:
     """Refuse a `--ckpt_path` of the other stage or of other data, before Lightning loads its weights."""
-    found = checkpoint_stage(checkpoint.get("state_dict", {}))
+    found = checkpoint_stage(checkpoint)
     if found != stage:
         hint = ("a stage-1 alignment checkpoint starts stage 2 through --model.init_args.init_from instead"
                 if stage == 2 else "evaluate a fine-tuned checkpoint with a finetune_*.yaml config")

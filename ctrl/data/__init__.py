@@ -1,1 +1,0 @@
-"""Data: readers for each layout, preparation into parquet + feature spec, and the Lightning data module."""
