@@ -13,6 +13,7 @@ that file. Choices are made on validation AUC; test metrics are reported, never 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ctrl.pipeline import finish_wandb, timed, train
+from ctrl.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, timed, train
 from ctrl.probe import TransferProbe
 from finetune.guards import ConfigError
 from tabular2text.atomic import atomic_path, atomic_write_text
@@ -143,8 +144,9 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     run_dir = out / variant.name / backbone / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted attempt left behind
     print(f"bench: {variant.name}/{backbone}/seed {seed} -> {run_dir}")
-    stages = train(finetune=finetune_config, align=align_config, out=run_dir, align_args=args["align_args"],
-                   finetune_args=args["finetune_args"])
+    stage1 = aligned(align_config, args["align_args"], out / "stage1") if align_config else None
+    init = ["--model.init_args.init_from", stage1["checkpoint"]] if stage1 else []
+    stages = train(finetune=finetune_config, out=run_dir, finetune_args=[*init, *args["finetune_args"]])
     stage2, phases = stages.finetune, stages.phases
     with timed(phases, "validate"):
         (val,) = stage2.trainer.validate(stage2.model, datamodule=stage2.datamodule, ckpt_path="best", verbose=False)
@@ -153,21 +155,46 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     finish_wandb()
     metrics = {**val, **test}
     epochs = {"finetune": stage2.trainer.current_epoch}
-    curve: list[list[dict]] = []
-    if stages.align is not None:
-        metrics["align/val/loss"] = float(stages.align.trainer.checkpoint_callback.best_model_score)
-        # the last stage-1 epoch's validation metrics, e.g. how often a text retrieves its own row
-        metrics.update({f"align/{k}": v for k, v in stages.align.trainer.callback_metrics.items()
-                        if k.startswith("val/") and k != "val/loss"})
-        epochs["align"] = stages.align.trainer.current_epoch
-        curve = [c.history for c in stages.align.trainer.callbacks if isinstance(c, TransferProbe)]
+    extra = {}
+    if stage1:
+        metrics.update(stage1["metrics"])
+        epochs["align"] = stage1["epochs"]
+        # the stage-1 run's own cost, also when this variant reused it
+        phases = {**stage1["phases"], **phases, "prepare": stage1["phases"]["prepare"] + phases["prepare"]}
+        extra = {"align_curve": stage1["curve"], "stage1_dir": stage1["dir"], "stage1_reused": stage1["reused"]}
     append_record(results, {
         "variant": variant.name, "backbone": backbone, "seed": seed,
-        "metrics": {k: float(v) for k, v in metrics.items()}, "phases": phases, "epochs": epochs,
-        **({"align_curve": curve[0]} if curve else {}),
+        "metrics": {k: float(v) for k, v in metrics.items()}, "phases": phases, "epochs": epochs, **extra,
         **args, "overrides": variant_overrides(variant), "run_dir": str(run_dir),
         "command": command_line(), "finished": datetime.now().isoformat(timespec="seconds"),
     })
+
+
+def aligned(config: str, args: list[str], root: Path) -> dict:
+    """Stage 1 of (config file's content, args), trained once per benchmark folder: variants that differ
+    only in stage 2 start from the same stage-1 checkpoint. Returns its checkpoint, stage-1 metrics (best
+    val/loss, the last epoch's other val/ metrics), per-epoch curve, epochs, phases, folder and whether it
+    was reused."""
+    key = hashlib.sha256(json.dumps({"config": Path(config).read_text(), "args": args}).encode()).hexdigest()
+    folder = root / key[:16]
+    record = folder / "stage1.json"
+    if record.is_file():
+        done = json.loads(record.read_text())
+        if Path(done["checkpoint"]).is_file():
+            print(f"bench: stage 1 reused from {folder}")
+            return {**done, "reused": True}
+    shutil.rmtree(folder, ignore_errors=True)
+    phases: dict[str, float] = {}
+    trainer = fit_stage(config, folder, args, phases, STAGE1_PHASE).trainer
+    finish_wandb()
+    metrics = {"align/val/loss": float(trainer.checkpoint_callback.best_model_score)}
+    metrics.update({f"align/{k}": float(v) for k, v in trainer.callback_metrics.items()
+                    if k.startswith("val/") and k != "val/loss"})
+    curve = next((c.history for c in trainer.callbacks if isinstance(c, TransferProbe)), None)
+    done = {"checkpoint": best_checkpoint(trainer), "config": config, "args": args, "metrics": metrics,
+            "curve": curve, "epochs": trainer.current_epoch, "phases": phases, "dir": str(folder)}
+    atomic_write_text(record, json.dumps(done, indent=1))
+    return {**done, "reused": False}
 
 
 def variant_overrides(variant: Variant) -> dict[str, list[str]]:

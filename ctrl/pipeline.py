@@ -70,25 +70,26 @@ def train(*, finetune: str, align: str | None = None, out: Path, align_args: Seq
     """
 
     phases: dict[str, float] = {}
-
-    def cli(config: str, stage: str, extra: Sequence[str]) -> LightningCLI:
-        # Checkpoints (default_root_dir/checkpoints) and W&B files both go under `out`.
-        args = ["--config", config, "--trainer.default_root_dir", str(out / stage),
-                "--trainer.logger.init_args.save_dir", str(out / stage), *extra]
-        with timed(phases, "prepare"):
-            return lightning_cli(args, run=False)
-
     stage1, init = None, []
     if align:
-        stage1 = cli(align, "align", align_args)
-        with timed(phases, "stage 1 (incl. text encoding)"):
-            stage1.trainer.fit(stage1.model, datamodule=stage1.datamodule)
+        stage1 = fit_stage(align, out / "align", align_args, phases, STAGE1_PHASE)
         finish_wandb()
         init = ["--model.init_args.init_from", best_checkpoint(stage1.trainer)]
-    stage2 = cli(finetune, "finetune", [*init, *finetune_args])
-    with timed(phases, "stage 2"):
-        stage2.trainer.fit(stage2.model, datamodule=stage2.datamodule)
+    stage2 = fit_stage(finetune, out / "finetune", [*init, *finetune_args], phases, "stage 2")
     return Stages(stage1, stage2, phases)
+
+
+STAGE1_PHASE = "stage 1 (incl. text encoding)"
+
+
+def fit_stage(config: str, out: Path, args: Sequence[str], phases: dict[str, float], phase: str) -> LightningCLI:
+    """Fit one stage's config with checkpoints (out/checkpoints) and W&B files under `out`; `args` come last."""
+    with timed(phases, "prepare"):
+        cli = lightning_cli(["--config", config, "--trainer.default_root_dir", str(out),
+                             "--trainer.logger.init_args.save_dir", str(out), *args], run=False)
+    with timed(phases, phase):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli
 
 
 def run(*, finetune: str, align: str | None = None, data_dir: str | None = None, out: str = "runs/main",

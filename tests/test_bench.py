@@ -14,6 +14,7 @@ from conftest import small_config, write_small_ml1m
 from scipy.stats import ttest_rel
 
 import ctrl.bench
+import ctrl.pipeline
 from ctrl.bench import append_record, read_records
 from ctrl.cli import main
 from ctrl.pipeline import train
@@ -46,6 +47,8 @@ def bench_run(tmp_path_factory, bert_dir):
         "data_dir": str(data), "config_dir": str(configs), "out": str(tmp / "out"), "backbones": ["dcn"],
         "seeds": SEEDS, "args": ["--trainer.logger", "false"],  # W&B would cost seconds per stage
         "report": str(tmp / "RESULTS.md"), "plot": str(tmp / "results_auc.png"),
+        "ablations": [{"name": "ctrl_lr", "finetune_args": ["--model.init_args.lr", "0.003"], "backbones": ["dcn"],
+                       "seeds": [0]}],
         "include": [str(tmp / "cost.md"), str(tmp / "absent.md")]}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CTRL_CACHE_DIR", str(tmp / "cache"))
@@ -82,12 +85,15 @@ def test_every_run_is_recorded_with_metrics_times_and_arguments(bench_run):
         if r["variant"] == "ctrl":
             assert ["--seed_everything", str(r["seed"])] == r["align_args"][:2]
             assert "stage 1 (incl. text encoding)" in r["phases"] and "align/val/loss" in r["metrics"]
-            # stage 2 started from this run's own stage-1 checkpoint
+            # stage 2 started from this run's own stage-1 checkpoint, kept under out/stage1 for reuse
             (ckpt,) = (run_dir / "finetune" / "checkpoints").glob("best*.ckpt")
             init_from = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["init_from"]
-            assert init_from.startswith(str((run_dir / "align").resolve()))
+            assert Path(r["stage1_dir"]).parent == bench_run / "out" / "stage1" and not r["stage1_reused"]
+            assert init_from.startswith(str(Path(r["stage1_dir"]).resolve()))
+            assert [c["epoch"] for c in r["align_curve"]] == list(range(r["epochs"]["align"]))
+            assert "align/val/retrieval_top1" in r["metrics"] and "align/val/probe_auc" in r["metrics"]
         else:
-            assert r["align_config"] is None and not (run_dir / "align").exists()
+            assert r["align_config"] is None and "stage1_dir" not in r
     base = {r["seed"]: r["metrics"]["test/auc"] for r in records if r["variant"] == "base"}
     assert base[0] != base[1]  # the seed reaches training
 
@@ -163,6 +169,7 @@ def test_rerun_skips_finished_runs_and_resumes_a_missing_one(bench_run, monkeypa
 
     with monkeypatch.context() as mp:
         mp.setattr(ctrl.bench, "train", no_training)
+        mp.setattr(ctrl.bench, "fit_stage", no_training)
         main(bench_args(bench_run))
     assert results.read_text().splitlines() == lines
 
@@ -203,12 +210,12 @@ def test_every_ablation_of_the_shipped_config_names_options_of_its_stages(capsys
         assert exit_info.value.code == 0
         return yaml.safe_load(capsys.readouterr().out)
 
-    config = printed(["bench", "--config", str(ROOT / "configs/bench/ml100k.yaml")])
-    stages = {stage: printed(["fit", "--config", str(ROOT / config["config_dir"] / f"{stage}_dcn.yaml")])
+    configs = [printed(["bench", "--config", str(path)]) for path in sorted((ROOT / "configs/bench").glob("*.yaml"))]
+    stages = {stage: printed(["fit", "--config", str(ROOT / configs[0]["config_dir"] / f"{stage}_dcn.yaml")])
               for stage in ("align", "finetune")}
     targets_of = {"args": ("align", "finetune"), "align_args": ("align",), "finetune_args": ("finetune",)}
-    assert len(config["ablations"]) > 0
-    for ablation in config["ablations"]:
+    assert len(configs) >= 2 and all(len(config["ablations"]) > 0 for config in configs)
+    for ablation in [a for config in configs for a in config["ablations"]]:
         for key, targets in targets_of.items():
             for option in ablation.get(key, [])[::2]:  # option, value, option, value ...
                 for stage in targets:
@@ -224,3 +231,15 @@ def test_relaimpr_is_undefined_below_chance_and_the_auc_difference_is_reported_i
     assert np.isnan(ctrl.bench.rela_impr(0.48, 0.45))
     assert ctrl.bench.gain_text(0.48, 0.45) == "ΔAUC +0.0300 (base AUC <= 0.5: RelaImpr undefined)"
     assert ctrl.bench.gain_text(0.78, 0.75) == "+12.00%"
+
+
+def test_a_variant_that_changes_only_stage_2_reuses_the_stage_1_run(bench_run, monkeypatch):
+    monkeypatch.setenv("CTRL_CACHE_DIR", str(bench_run / "cache"))
+    fits = []
+    monkeypatch.setattr(ctrl.bench, "fit_stage", lambda *a, **k: fits.append(a) or ctrl.pipeline.fit_stage(*a, **k))
+    main(["bench", "--config", str(bench_run / "bench.yaml"), "--variants", "ctrl_lr"])
+    records = {(r["variant"], r["seed"]): r for r in read_records(bench_run / "out" / "results.jsonl")}
+    reused, original = records[("ctrl_lr", 0)], records[("ctrl", 0)]
+    assert fits == [] and reused["stage1_reused"] and reused["stage1_dir"] == original["stage1_dir"]
+    assert reused["metrics"]["align/val/loss"] == original["metrics"]["align/val/loss"]
+    assert reused["metrics"]["val/auc"] != original["metrics"]["val/auc"]  # stage 2 did change
