@@ -22,8 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from tabular2text.atomic import atomic_path
 from tabular2text.encode import encode_column, frame_to_tensors
-from tabular2text.schema import FeatureSpec
-from tabular2text.templates import format_value, is_missing
+from tabular2text.schema import FeatureSpec, vocab_key
 from towers.collaborative import BACKBONES, CTRModel, build_backbone
 
 EXPORT_FORMAT = "ctrl-rec/collaborative-model"
@@ -109,9 +108,9 @@ def encode_rows(rows: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
     for f in spec.fields:
         values = rows[f.name] if f.name in rows else pd.Series([None] * len(rows), index=rows.index, dtype=object)
         if f.is_list:
-            values = values.map(lambda v, sep=f.separator: [format_value(x) for x in as_list(v, sep)])
+            values = values.map(lambda v, sep=f.separator: [k for x in as_list(v, sep) if (k := vocab_key(x))])
         elif f.kind == "categorical":
-            values = values.map(lambda v: None if is_missing(v) else format_value(v))
+            values = values.astype(object).map(vocab_key)
         else:
             values = pd.to_numeric(values, errors="coerce")
         encoded[f.name] = encode_column(values, f, spec)

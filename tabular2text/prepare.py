@@ -26,7 +26,7 @@ from tabular2text.schema import OOV, FeatureSpec
 from tabular2text.sources import DataError, Table, read_table
 from tabular2text.templates import TextRenderer, format_value, is_missing, preset
 
-FORMAT_VERSION = 3  # bump when the prepared layout or its semantics change
+FORMAT_VERSION = 4  # bump when the prepared layout or its semantics change (4: vocab_key for generic data)
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 

@@ -16,9 +16,14 @@ Batch convention (what the data module serves and the towers consume):
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
+import pandas as pd
 
 from tabular2text.atomic import atomic_write_text
 
@@ -147,3 +152,22 @@ class FeatureSpec:
             raise FileNotFoundError(f"feature spec not found: {path}") from None
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a valid feature spec ({e}); prepare the data again") from e
+
+
+def vocab_key(value: object) -> str | None:
+    """The vocabulary key of one raw categorical value, one rule for preparation and serving alike: None when
+    missing (None, NaN, pandas NA, "" or "nan"); booleans "True" / "False"; integers and integer-valued
+    floats as decimal integers (37, 37.0, numpy.int64(37), a nullable Int64 37 -> "37", as an integer id
+    column that became float through one missing value); other floats in shortest round-trip form ("2.5");
+    strings as they are."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return str(int(value)) if value.is_integer() else repr(value)
+    text = str(value)
+    return None if text == "" or text.lower() == "nan" else text

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from tabular2text.schema import KINDS, Field
+from tabular2text.schema import KINDS, Field, vocab_key
 
 
 class DataError(ValueError):
@@ -326,7 +326,8 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
         elif f.kind == "numeric":
             frame[f.name] = numeric_column(frame[f.name], data_path, f.name, first_line=2)
         elif f.kind == "categorical":
-            frame[f.name] = frame[f.name].map(lambda v: None if pd.isna(v) else str(v))
+            # the scorer's rule too: a float id column (37.0, from one missing value) keys as a raw 37 does
+            frame[f.name] = frame[f.name].astype(object).map(vocab_key)
     frame[label.column] = numeric_column(frame[label.column], data_path, label.column, first_line=2)
     ts = schema.get("timestamp")
     if ts:

@@ -246,6 +246,37 @@ def test_generic_csv_and_yaml_through_the_same_pipeline(tmp_path):
     assert mean == pytest.approx(np.mean([30, 12.5, 12.5, 30, 30, 20, 20]))
 
 
+def test_preparation_and_the_scorer_key_every_dtype_the_same_way(tmp_path):
+    """Raw ids of float-with-NaN, nullable-integer, boolean and string columns get the same ids in the
+    prepared train split as when the same raw rows go through the exported model's encoder."""
+    from finetune.export import encode_rows
+    from tabular2text.schema import vocab_key
+
+    assert [vocab_key(v) for v in (37, 37.0, np.int64(37), np.float32(37), 2.5, True, np.bool_(False), "x")] == [
+        "37", "37", "37", "37", "2.5", "True", "False", "x"]
+    assert [vocab_key(v) for v in (None, float("nan"), pd.NA, "", "NaN")] == [None] * 5
+    n = 40
+    frame = pd.DataFrame({
+        "user": pd.Series([float(i % 7) if i != 3 else np.nan for i in range(n)]),  # int ids made float by a NaN
+        "item": pd.array([i % 5 if i != 4 else None for i in range(n)], dtype="Int64"),
+        "member": pd.array([i % 2 == 0 for i in range(n)], dtype="boolean"),
+        "city": [f"c{i % 3}" for i in range(n)],
+        "click": [i % 2 for i in range(n)], "ts": range(n)})
+    (tmp_path / "data").mkdir()
+    frame.to_parquet(tmp_path / "data" / "rows.parquet")
+    (tmp_path / "data" / "schema.yaml").write_text(
+        "data: rows.parquet\nlabel: click\ntimestamp: ts\nfields:\n"
+        "  - {name: user, kind: categorical, side: user}\n  - {name: item, kind: categorical, side: item}\n"
+        "  - {name: member, kind: categorical, side: user, text: member}\n"
+        "  - {name: city, kind: categorical, side: user, text: city}\n")
+    dm = CTRDataModule(str(tmp_path / "data" / "schema.yaml"), cache_dir=str(tmp_path / "cache"))
+    prepared = dm.frame("train")
+    served = encode_rows(frame.iloc[:len(prepared)], dm.feature_spec)
+    for name in ("user", "item", "member", "city"):
+        assert served[name].tolist() == prepared[name].tolist(), name
+        assert (prepared[name] > 1).mean() > 0.9, name  # known ids, not all out-of-vocabulary
+
+
 # Bad input (missing files, malformed lines, bad labels, bad schemas ...) is in test_bad_input.py.
 
 
