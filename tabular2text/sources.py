@@ -245,22 +245,9 @@ def read_recbole_movielens(directory: Path, history_length: int = 10) -> Table:
 
 # --- Generic: parquet or CSV + YAML schema --------------------------------------------------------------
 def read_generic(schema_path: Path, history_length: int = 10) -> Table:
-    """Read data described by a YAML schema, e.g.
-
-        data: clicks.csv              # parquet or CSV, relative to this file
-        item_noun: product
-        history_action: bought
-        label: click                  # a {0,1} column; or {column: rating, positive_above: 3, negative_below: 3}
-        timestamp: ts                 # optional; without it rows are split in file order
-        user: user_id                 # optional: the user-id column (history, cold-start slice)
-        item: item_id                 # optional: the item-id column (history, cold-start slice)
-        history: {text_field: title}  # optional, needs `user` and `item`; its length is `history_length`
-        fields:
-          - {name: user_id, kind: categorical, side: user}
-          - {name: gender, kind: categorical, side: user, text: gender, values: {F: female}}
-          - {name: genres, kind: multi_valued, side: item, text: genre, separator: "|"}
-          - {name: price, kind: numeric, side: item, text: price}
-    """
+    """Read data described by a YAML schema: `configs/generic/schema.yaml` is a complete example (with its
+    clicks.csv) of every key: data, label, timestamp, user, item, history, item_noun, history_action and
+    fields (name, kind, side, text, values, separator, max_len)."""
     schema_path = Path(schema_path)
     if not schema_path.is_file():
         raise DataError(f"missing schema file: {schema_path}")
@@ -308,6 +295,14 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
                                 max_len=int(spec.get("max_len", 1))))
         except ValueError as e:
             raise DataError(f"{where}: {e}") from e
+    declared = {f.name: f for f in fields}
+    for key, column in (("user", user), ("item", item)):
+        if column and (column not in declared or declared[column].kind != "categorical"):
+            raise DataError(f"{schema_path}: `{key}: {column}` names no categorical field; declare it under"
+                            f" `fields`, e.g. - {{name: {column}, kind: categorical, side: {key}}}")
+    if text_field and text_field not in declared:
+        raise DataError(f"{schema_path}: `history: {{text_field: {text_field}}}` names no field; declare it under"
+                        f" `fields` (the item-side column whose value names a history item in text)")
     if history is not None:
         fields.insert(sum(f.side != "item" for f in fields), Field(
             "history", "sequence", "user", text_name="history", max_len=history.length,

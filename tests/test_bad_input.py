@@ -114,8 +114,8 @@ CASES = {
                                                                       "u2,M,i2,Blue Hat,hat,12.5,2,1"))),
         ("label column 'click' must hold 0 or 1", "data row 2")),
     "schema naming an unknown column": Case(
-        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace("name: title,", "name: headline,"))),
-        ("'headline'", "not in clicks.csv", "its columns: user, gender")),
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace("name: gender,", "name: sex,"))),
+        ("'sex'", "not in clicks.csv", "its columns: user, gender")),
     "schema naming an unknown kind": Case(
         lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace("kind: numeric", "kind: number"))),
         ("fields[5] (price): unknown kind 'number'", "categorical, multi_valued")),

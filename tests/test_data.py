@@ -277,6 +277,24 @@ def test_preparation_and_the_scorer_key_every_dtype_the_same_way(tmp_path):
         assert (prepared[name] > 1).mean() > 0.9, name  # known ids, not all out-of-vocabulary
 
 
+def test_the_example_schema_runs_as_written_and_an_undeclared_id_field_is_one_line(tmp_path, capsys):
+    example = Path(__file__).resolve().parents[1] / "configs" / "generic" / "schema.yaml"
+    main(["prepare", "--data_dir", str(example), "--cache_dir", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert "train        48" in out and "This is a user, gender is" in out and "This is a product, title is" in out
+    broken = tmp_path / "example"
+    broken.mkdir()
+    (broken / "clicks.csv").write_text((example.parent / "clicks.csv").read_text())
+    text = example.read_text()
+    for old, key in (("  - {name: item_id, kind: categorical, side: item}\n", "`item: item_id` names no"),
+                     ("  - {name: title, kind: categorical, side: item, text: title}\n", "title}` names no")):
+        (broken / "schema.yaml").write_text(text.replace(old, ""))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["prepare", "--data_dir", str(broken / "schema.yaml"), "--cache_dir", str(tmp_path / "cache")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and key in err, err
+
+
 # Bad input (missing files, malformed lines, bad labels, bad schemas ...) is in test_bad_input.py.
 
 
