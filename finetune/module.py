@@ -75,6 +75,9 @@ class CTRModule(pl.LightningModule):
             trains from scratch (the baseline). The output layer is always fresh.
         init_keep: what init_from initialises: the whole tower ("tower": field embeddings and backbone) or
             only the field embeddings ("embeddings"; the backbone starts fresh, as in the baseline).
+        init_lr_scale: the learning rate of the weights init_from initialises is lr x init_lr_scale (the fresh
+            output layer and any fresh weights keep lr): below 1, stage 2 moves away from the aligned start
+            more slowly. No effect without init_from.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class CTRModule(pl.LightningModule):
         weight_decay: float = 0.0,
         init_from: str | None = None,
         init_keep: Literal["tower", "embeddings"] = "tower",
+        init_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -145,7 +149,14 @@ class CTRModule(pl.LightningModule):
         return torch.sigmoid(self(batch))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        if not hp.init_from or hp.init_lr_scale == 1.0:
+            return torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        tower = self.model.tower
+        aligned = {id(p) for p in (tower.embedding if hp.init_keep == "embeddings" else tower).parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) in aligned], "lr": hp.lr * hp.init_lr_scale},
+                  {"params": [p for p in self.parameters() if id(p) not in aligned], "lr": hp.lr}]
+        return torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
 
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:

@@ -32,6 +32,34 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def test_init_lr_scale_slows_only_the_weights_stage_1_initialised():
+    from functools import partial
+
+    from conftest import synthetic_spec
+
+    from finetune.module import CTRModule
+    from towers import DeepFM
+
+    spec = synthetic_spec().to_dict()
+    tower = partial(DeepFM, embed_dim=4, mlp_dims=(8,))
+
+    def lrs(**options) -> list[tuple[float, int]]:
+        module = CTRModule(spec, tower, lr=0.01, **options)
+        optimizer = module.configure_optimizers()
+        assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(module.parameters()))
+        return [(g["lr"], sum(p.numel() for p in g["params"])) for g in optimizer.param_groups]
+
+    module = CTRModule(spec, tower)
+    sizes = {name: sum(p.numel() for p in part.parameters()) for name, part in
+             (("tower", module.model.tower), ("embedding", module.model.tower.embedding), ("all", module))}
+    assert lrs() == lrs(init_lr_scale=0.1) == [(0.01, sizes["all"])]  # no init_from: one rate
+    assert lrs(init_from="align.ckpt") == [(0.01, sizes["all"])]
+    assert lrs(init_from="align.ckpt", init_lr_scale=0.1) == [
+        (pytest.approx(0.001), sizes["tower"]), (0.01, sizes["all"] - sizes["tower"])]
+    assert lrs(init_from="align.ckpt", init_lr_scale=0.1, init_keep="embeddings") == [
+        (pytest.approx(0.001), sizes["embedding"]), (0.01, sizes["all"] - sizes["embedding"])]
+
+
 @pytest.mark.parametrize("backbone", ["wide_deep", "deepfm", "dcn", "autoint"])
 def test_stage2_fast_dev_run_per_paper_backbone(tmp_path, cache, backbone):
     config = ROOT / "configs" / "ml100k" / f"finetune_{backbone}.yaml"
