@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -86,19 +87,19 @@ class AlignmentModule(pl.LightningModule):
         language_model: str = "default",
         pooling: Pooling = "mean",
         trainable_layers: int | Literal["all"] = 0,
-        max_length: int = 128,
+        max_length: PositiveInt = 128,
         text_cache_dir: str | None = None,
         text_precision: Precision = "auto",
         text_granularity: Literal["row", "entity"] = "row",
-        proj_dim: int = 128,
-        num_subspaces: int = 4,
-        subspace_dim: int = 32,
-        temperature: float = 0.7,
-        coarse_weight: float = 1.0,
-        fine_weight: float = 1.0,
-        lr: float = 5e-4,
-        weight_decay: float = 0.01,
-        warmup_steps: int = 100,
+        proj_dim: PositiveInt = 128,
+        num_subspaces: PositiveInt = 4,
+        subspace_dim: PositiveInt = 32,
+        temperature: PositiveFloat = 0.7,
+        coarse_weight: NonNegativeFloat = 1.0,
+        fine_weight: NonNegativeFloat = 1.0,
+        lr: PositiveFloat = 5e-4,
+        weight_decay: NonNegativeFloat = 0.01,
+        warmup_steps: NonNegativeInt = 100,
         masked_fields: tuple[str, ...] = (),
     ) -> None:
         super().__init__()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveInt
 from pytorch_lightning.cli import LightningCLI
 from torchmetrics.functional.classification import binary_auroc
 
@@ -93,7 +94,8 @@ def fit_stage(config: str, out: Path, args: Sequence[str], phases: dict[str, flo
 
 
 def run(*, finetune: str, align: str | None = None, data_dir: str | None = None, out: str = "runs/main",
-        max_epochs_align: int | None = None, max_epochs_finetune: int | None = None) -> dict[str, float]:
+        max_epochs_align: PositiveInt | None = None,
+        max_epochs_finetune: PositiveInt | None = None) -> dict[str, float]:
     """Run CTRL end to end and print the exported model's test metrics.
 
     Args:

@@ -15,6 +15,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
@@ -84,11 +85,11 @@ class CTRModule(pl.LightningModule):
         self,
         feature_spec: dict,
         backbone: Callable[[FeatureSpec], CollaborativeTower],
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 0.0,
         init_from: str | None = None,
         init_keep: Literal["tower", "embeddings"] = "tower",
-        init_lr_scale: float = 1.0,
+        init_lr_scale: PositiveFloat = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tabular2text.download import ensure_movielens_100k
@@ -72,9 +73,10 @@ class CTRDataModule(pl.LightningDataModule):
             hyper-parameters on more than one validation period; test is the same in every fold).
     """
 
-    def __init__(self, data_dir: str, download: bool = False, history_length: int = 10,
-                 template: str | dict[str, str] = "natural", batch_size: int = 2048, eval_batch_size: int = 8192,
-                 num_workers: int = 0, cache_dir: str | None = None, val_fold: int = 0) -> None:
+    def __init__(self, data_dir: str, download: bool = False, history_length: PositiveInt = 10,
+                 template: str | dict[str, str] = "natural", batch_size: PositiveInt = 2048,
+                 eval_batch_size: PositiveInt = 8192, num_workers: NonNegativeInt = 0, cache_dir: str | None = None,
+                 val_fold: NonNegativeInt = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         if download:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_small_ml1m
+from conftest import CONFIGS, write_small_ml1m
 from test_data import GENERIC_CSV, GENERIC_SCHEMA, ML100K, write_generic
 
 from ctrl.cli import main
@@ -236,3 +236,21 @@ def test_truncated_or_incomplete_export_is_refused_by_name(small_run, tmp_path):
     export = damaged("no-meta", lambda d: (d / "model.json").unlink())
     with pytest.raises(FileNotFoundError, match=f"{export} is not a ctrl-rec export: model.json is missing"):
         load_scorer(export)
+
+
+@pytest.mark.parametrize(("config", "option", "value"), [
+    ("finetune_dcn", "--model.init_args.lr", "-0.01"), ("finetune_dcn", "--data.batch_size", "0"),
+    ("finetune_dcn", "--model.init_args.init_lr_scale", "0"), ("align_dcn", "--model.init_args.temperature", "-0.1"),
+    ("align_dcn", "--model.init_args.num_subspaces", "0"), ("align_dcn", "--data.history_length", "-1"),
+    ("align_dcn", "--data.val_fold", "-1")])
+def test_impossible_settings_are_refused_before_any_work(capsys, config, option, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / f"{config}.yaml"), option, value, "--print_config"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and option.rsplit(".", 1)[1] in err and "does not conform to restriction" in err
+
+
+def test_run_refuses_zero_epochs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--finetune", str(CONFIGS / "finetune_dcn.yaml"), "--max_epochs_finetune", "0"])
+    assert exit_info.value.code == 2 and "max_epochs_finetune" in capsys.readouterr().err
