@@ -13,6 +13,8 @@ Three tables, all on validation AUC (test is never read here):
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -108,9 +110,9 @@ def main(*, stores: dict[str, str], tuning: str | None = None, out: str = "bench
         out: the markdown file to write.
         notes: a markdown file appended verbatim when it exists (the reading of the tables).
     """
+    command = shlex.join(["python", "benchmarks/quality_ml100k.py", *sys.argv[1:]])
     text = ["# Quality study on MovieLens-100K: what stage 1 learns, when it helps, against a tuned baseline", "",
-            f"Written by `python benchmarks/quality_ml100k.py` from {', '.join(f'`{p}`' for p in stores.values())}"
-            + (f" and `{tuning}`" if tuning else "") + ". Validation AUC only; mean ± sample std over seeds;"
+            f"Written by `{command}`. Validation AUC only (test is never read here); mean ± sample std over seeds;"
             " differences are paired by seed.", "", "## Stage-1 variants: what stage 1 solves, what stage 2 gains", ""]
     everything = []
     for label, path in stores.items():
