@@ -3,6 +3,8 @@ stage 1)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from tabular2text.schema import FeatureSpec
@@ -30,6 +32,16 @@ def require_finite(loss: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
             " saving it. Lower the learning rate (model.init_args.lr), raise the temperature, or check the"
             " input data for extreme numeric values")
     return loss
+
+
+def read_checkpoint(path: Path, option: str) -> dict:
+    """A checkpoint file read on the CPU without unpickling code; `option` names the setting that gave it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{option}: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{option} {path} is not a readable checkpoint ({e})") from e
 
 
 def checkpoint_stage(checkpoint: dict) -> int | None:

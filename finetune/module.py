@@ -21,7 +21,14 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
 from finetune.export import export_model
-from finetune.guards import CheckpointError, check_resumed_checkpoint, checkpoint_stage, require_finite, spec_mismatch
+from finetune.guards import (
+    CheckpointError,
+    check_resumed_checkpoint,
+    checkpoint_stage,
+    read_checkpoint,
+    require_finite,
+    spec_mismatch,
+)
 from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, CTRModel, backbone_config
 
@@ -35,12 +42,7 @@ def load_aligned_tower(path: str | Path, tower: CollaborativeTower, spec: Featur
     """Copy the collaborative tower of a stage-1 (alignment) checkpoint into `tower`: all of it, or with
     keep="embeddings" only its field embeddings (`tower.embedding`), the backbone keeping its fresh weights."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"init_from: {path} is not a readable checkpoint ({e})") from e
+    ckpt = read_checkpoint(path, "init_from")
     state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
     if checkpoint_stage(ckpt) == 2:
         raise CheckpointError(f"init_from: {path} is a stage-2 (fine-tuned) checkpoint; init_from takes a stage-1"
@@ -164,13 +166,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
     """Export a stage-2 checkpoint (of `ctrl fit` with a finetune config) for serving (finetune/export.py);
     a stage-1 checkpoint or another file is refused with a CheckpointError saying what to pass."""
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"--ckpt_path {path} is not a readable checkpoint ({e})") from e
-    stage = checkpoint_stage(ckpt)
+    stage = checkpoint_stage(read_checkpoint(path, "--ckpt_path"))
     if stage != 2:
         what = "a stage-1 (alignment) checkpoint" if stage == 1 else "not a ctrl-rec checkpoint"
         raise CheckpointError(f"--ckpt_path {path} is {what}; export takes a stage-2 checkpoint: fine-tune first"
