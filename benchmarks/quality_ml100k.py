@@ -12,7 +12,6 @@ Three tables, all on validation AUC (test is never read here):
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from collections import defaultdict
@@ -21,14 +20,10 @@ from pathlib import Path
 import numpy as np
 from jsonargparse import auto_cli
 
+from ctrl.bench import mean_std, read_records
 from tabular2text.atomic import atomic_write_text
 
 STAGE1 = ("align/val/retrieval_top1", "align/val/probe_auc")
-
-
-def records(path: str | Path) -> list[dict]:
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def by_run(rows: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
@@ -42,9 +37,8 @@ def cell(values: list[float], digits: int = 4) -> str:
     values = [v for v in values if v == v]
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def gain(runs: dict[int, dict], ref: dict[int, dict]) -> tuple[str, int]:
@@ -116,13 +110,13 @@ def main(*, stores: dict[str, str], tuning: str | None = None, out: str = "bench
             " differences are paired by seed.", "", "## Stage-1 variants: what stage 1 solves, what stage 2 gains", ""]
     everything = []
     for label, path in stores.items():
-        rows = records(path)
+        rows = read_records(Path(path))
         everything += rows
         text += variants_table(label, rows)
     text += ["## The stage-1 curve (10-epoch runs, per epoch)", "", *curve_table(everything)]
     if tuning:
         text += ["## Tuning the from-scratch baseline (stage 2 only, shipped settings = `base`)", "",
-                 *tuning_table(records(tuning))]
+                 *tuning_table(read_records(Path(tuning)))]
     if notes and Path(notes).is_file():
         text += [Path(notes).read_text()]
     atomic_write_text(Path(out), "\n".join(text))

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 import yaml
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
-from finetune.guards import STAGE_NAMES, CheckpointError, checkpoint_stage
+from finetune.guards import STAGE_NAMES, CheckpointError, checkpoint_stage, read_checkpoint
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.schema import FeatureSpec
 
@@ -46,11 +45,7 @@ class CTRLCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "", {})
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
-            try:
-                ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-            except Exception as e:
-                raise CheckpointError(f"--ckpt_path {ckpt_path} is not a readable checkpoint ({e}); it may be"
-                                      " truncated: pass another one (e.g. the previous last.ckpt or best.ckpt)") from e
+            ckpt = read_checkpoint(Path(ckpt_path), "--ckpt_path")
             saved = ckpt.get("hyper_parameters", {}).get("_class_path") if isinstance(ckpt, dict) else None
             wanted = config.get("model", {}).get("class_path")
             if saved and wanted and saved != wanted:

@@ -41,7 +41,8 @@ def read_checkpoint(path: Path, option: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{option} {path} is not a readable checkpoint ({e})") from e
+        raise CheckpointError(f"{option} {path} is not a readable checkpoint ({e}); it may be truncated: pass"
+                              " another one (e.g. the previous last.ckpt or best.ckpt)") from e
 
 
 def checkpoint_stage(checkpoint: dict) -> int | None:
