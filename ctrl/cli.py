@@ -3,7 +3,8 @@
     ctrl prepare --data_dir DIR          prepare a data set; print split sizes, positive rates and texts
     ctrl run --align A.yaml --finetune F.yaml   the main job: stage 1 -> stage 2 -> test -> export
     ctrl bench --config configs/bench/ml100k.yaml   base vs CTRL over backbones and seeds -> RESULTS.md
-    ctrl export --ckpt_path P --out DIR  export a stage-2 checkpoint for serving (weights, spec, model.pt2)
+    ctrl export --ckpt_path P --out DIR  export a stage-2 checkpoint for serving (weights, spec, .pt2, .onnx)
+    ctrl score --model M --rows R --out O   click probabilities of new raw rows (CSV or parquet) -> parquet
     ctrl fit --config C.yaml             train one stage (Lightning CLI; the model's class_path picks it)
     ctrl validate --config C.yaml --ckpt_path P   validation metrics of a checkpoint
     ctrl test --config C.yaml --ckpt_path P       test metrics of a checkpoint (all rows and cold start)
@@ -19,14 +20,17 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from jsonargparse import CLI
 
 from ctrl.bench import bench
 from ctrl.lightning import lightning_cli
 from ctrl.pipeline import finish_wandb, run
+from finetune.export import Scorer, load_scorer
 from finetune.guards import CheckpointError, ConfigError, NonFiniteLossError
-from finetune.module import export_checkpoint
+from finetune.module import export_checkpoint, load_stage2
+from finetune.score import score_file
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.sources import DataError
 
@@ -77,7 +81,26 @@ def export(*, ckpt_path: str, out: str) -> None:
     print(f"exported: {export_checkpoint(ckpt_path, out)}")
 
 
-COMMANDS = {"prepare": prepare, "run": run, "bench": bench, "export": export}
+def score(*, model: str, rows: str, out: str = "scores.parquet", batch_size: int = 4096) -> None:
+    """Score new rows with a trained model: the rows' user and item ids, `probability`, and `label` when the
+    rows carry the training label's column.
+
+    Args:
+        model: an export directory (ctrl run / ctrl export) or a stage-2 checkpoint (.ckpt).
+        rows: a CSV or parquet file of raw rows, with the columns of the training data (the label is optional).
+        out: the parquet file to write; an existing one is replaced only once the new one is complete.
+        batch_size: rows per forward pass.
+    """
+    if Path(model).is_dir():
+        scorer = load_scorer(model, batch_size)
+    else:
+        module = load_stage2(model, "score")
+        scorer = Scorer(module.model, module.spec, batch_size)
+    scores = score_file(scorer, rows, out)
+    print(f"scored {len(scores)} rows -> {out}")
+
+
+COMMANDS = {"prepare": prepare, "run": run, "bench": bench, "export": export, "score": score}
 
 
 def main(args: list[str] | None = None) -> None:

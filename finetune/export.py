@@ -5,6 +5,8 @@ An export directory holds:
     model.json            the backbone's class_path + init_args (rebuild the model), file checksums
     feature_spec.json     fields and vocabularies: raw values -> ids, exactly as in training
     model.pt2             the same model as a `torch.export` program (for runtimes without this package)
+    model.onnx            the same model in ONNX (dynamic batch; inputs named as the encoded batch keys,
+                          output `logit`), for onnxruntime and other ONNX runtimes
 
 Loading needs torch, pandas and this package only: no Lightning, no transformers, no language model.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +26,12 @@ from safetensors.torch import load_file, save_file
 from tabular2text.atomic import atomic_path
 from tabular2text.encode import encode_column, frame_to_tensors
 from tabular2text.schema import FeatureSpec, vocab_key
+from tabular2text.sources import DataError
 from towers.collaborative import BACKBONES, CTRModel, build_backbone
 
 EXPORT_FORMAT = "ctrl-rec/collaborative-model"
 EXPORT_VERSION = 2  # 1: the backbone by its towers.BACKBONES name
-FILES = ("weights.safetensors", "feature_spec.json", "model.pt2")
+FILES = ("weights.safetensors", "feature_spec.json", "model.pt2", "model.onnx")
 
 
 def sha256(path: Path) -> str:
@@ -48,12 +52,25 @@ def export_model(model: CTRModel, spec: FeatureSpec, backbone: dict | None, out_
         example = frame_to_tensors(encode_rows(pd.DataFrame(index=range(2)), spec), spec)
         batch = torch.export.Dim("batch")
         shapes = {"batch": {k: {0: batch} for k in example}}
-        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=shapes, strict=False),
-                          tmp / "model.pt2")
+        program = torch.export.export(model, (example,), dynamic_shapes=shapes, strict=False)
+        torch.export.save(program, tmp / "model.pt2")
+        export_onnx(program, list(example), tmp / "model.onnx")
         meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "backbone": backbone,
                 "sha256": {f: sha256(tmp / f) for f in FILES}}
         (tmp / "model.json").write_text(json.dumps(meta, indent=1))
     return out
+
+
+def export_onnx(program: torch.export.ExportedProgram, inputs: list[str], path: Path) -> None:
+    """Write `program` as one self-contained ONNX file: inputs named by the batch keys, output `logit`."""
+    quiet = logging.getLogger("torch.onnx")  # it warns of every torchvision operator it cannot register
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        torch.onnx.export(program, f=str(path), dynamo=True, external_data=False, input_names=inputs,
+                          output_names=["logit"], verbose=False)
+    finally:
+        quiet.setLevel(level)
 
 
 def load_model(export_dir: str | Path) -> tuple[CTRModel, FeatureSpec]:
@@ -94,15 +111,20 @@ def as_list(value: object, separator: str) -> list:
         return [v for v in value.split(separator) if v]
     if isinstance(value, list | tuple | np.ndarray):
         return list(value)
-    return []
+    return [] if vocab_key(value) is None else [value]
 
 
-def encode_rows(rows: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
+def first_bad(bad: pd.Series) -> int:
+    return int(bad.to_numpy().argmax())
+
+
+def encode_rows(rows: pd.DataFrame, spec: FeatureSpec, where: str = "rows") -> pd.DataFrame:
     """Raw feature rows (values as in the source data) -> encoded columns.
 
     Unseen categories map to the out-of-vocabulary id; a missing column or value counts as missing
     (padding id, or the train mean for numbers); extra columns are ignored. List fields take Python
-    lists or strings joined by the field's separator ("Comedy|Drama").
+    lists or strings joined by the field's separator ("Comedy|Drama"). A number that does not parse or a
+    list in a single-valued column raises a DataError naming `where`, the row (counting from 1) and the column.
     """
     encoded = {}
     for f in spec.fields:
@@ -110,9 +132,20 @@ def encode_rows(rows: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
         if f.is_list:
             values = values.map(lambda v, sep=f.separator: [k for x in as_list(v, sep) if (k := vocab_key(x))])
         elif f.kind == "categorical":
+            listed = values.map(lambda v: isinstance(v, list | tuple | np.ndarray))
+            if listed.any():
+                i = first_bad(listed)
+                raise DataError(f"{where}: row {i + 1}, column {f.name!r}: a list ({values.iloc[i]!r}) where the"
+                                " model takes one value; pass a single value")
             values = values.astype(object).map(vocab_key)
         else:
-            values = pd.to_numeric(values, errors="coerce")
+            numbers = pd.to_numeric(values.map(lambda v: None if vocab_key(v) is None else v), errors="coerce")
+            bad = numbers.isna() & values.map(vocab_key).notna()
+            if bad.any():
+                i = first_bad(bad)
+                raise DataError(f"{where}: row {i + 1}, column {f.name!r}: {values.iloc[i]!r} is not a number; fix it"
+                                " or leave it empty (an empty value is scored as missing: the train mean)")
+            values = numbers
         encoded[f.name] = encode_column(values, f, spec)
     return pd.DataFrame(encoded, index=rows.index)
 
@@ -129,8 +162,8 @@ class Scorer:
     def __init__(self, model: CTRModel, spec: FeatureSpec, batch_size: int = 4096) -> None:
         self.model, self.spec, self.batch_size = model.eval(), spec, batch_size
 
-    def __call__(self, rows: pd.DataFrame) -> np.ndarray:
-        tensors = frame_to_tensors(encode_rows(rows.reset_index(drop=True), self.spec), self.spec)
+    def __call__(self, rows: pd.DataFrame, where: str = "rows") -> np.ndarray:
+        tensors = frame_to_tensors(encode_rows(rows.reset_index(drop=True), self.spec, where), self.spec)
         out = []
         with torch.inference_mode():
             for start in range(0, len(rows), self.batch_size):

@@ -162,15 +162,20 @@ class CTRModule(pl.LightningModule):
         return torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
-    """Export a stage-2 checkpoint (of `ctrl fit` with a finetune config) for serving (finetune/export.py);
-    a stage-1 checkpoint or another file is refused with a CheckpointError saying what to pass."""
+def load_stage2(ckpt_path: str | Path, what: str = "export") -> CTRModule:
+    """The CTRModule of a stage-2 checkpoint (of `ctrl fit` with a finetune config); a stage-1 checkpoint or
+    another file is refused with a CheckpointError saying what to pass."""
     path = Path(ckpt_path)
     stage = checkpoint_stage(read_checkpoint(path, "--ckpt_path"))
     if stage != 2:
-        what = "a stage-1 (alignment) checkpoint" if stage == 1 else "not a ctrl-rec checkpoint"
-        raise CheckpointError(f"--ckpt_path {path} is {what}; export takes a stage-2 checkpoint: fine-tune first"
+        kind = "a stage-1 (alignment) checkpoint" if stage == 1 else "not a ctrl-rec checkpoint"
+        raise CheckpointError(f"{path} is {kind}; {what} takes a stage-2 checkpoint: fine-tune first"
                               " (ctrl fit --config configs/ml100k/finetune_dcn.yaml --model.init_args.init_from"
-                              " ALIGN.ckpt) and export its best.ckpt")
-    module = CTRModule.load_from_checkpoint(path, map_location="cpu")
+                              " ALIGN.ckpt) and pass its best.ckpt")
+    return CTRModule.load_from_checkpoint(path, map_location="cpu")
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
+    """Export a stage-2 checkpoint for serving (finetune/export.py)."""
+    module = load_stage2(ckpt_path)
     return export_model(module.model, module.spec, module.hparams.backbone, out)

@@ -26,7 +26,7 @@ from tabular2text.schema import OOV, FeatureSpec
 from tabular2text.sources import DataError, Table, read_table
 from tabular2text.templates import TextRenderer, format_value, is_missing, preset
 
-FORMAT_VERSION = 4  # bump when the prepared layout or its semantics change (4: vocab_key for generic data)
+FORMAT_VERSION = 5  # bump when the prepared layout or its semantics change (5: label rule in the spec, "an item")
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -74,18 +74,14 @@ def build_history(frame: pd.DataFrame, user: str, item: str, timestamp: str | No
 
 def make_labels(frame: pd.DataFrame, table: Table) -> pd.Series:
     rule = table.label
-    values = frame[rule.column].astype("float64")
+    labels = rule.labels(frame[rule.column])
     if rule.positive_above is None and rule.negative_below is None:
-        bad = ~values.isin([0.0, 1.0])
+        bad = labels.isna()
         if bad.any():
             i = int(bad.to_numpy().argmax())
             raise DataError(f"{table.sources[-1]}: label column {rule.column!r} must hold 0 or 1, found"
                             f" {frame[rule.column].iloc[i]!r} (data row {int(frame['_line'].iloc[i]) + 1}); give"
                             " thresholds (positive_above / negative_below) for a rating column")
-        return values
-    labels = pd.Series(np.nan, index=frame.index)
-    labels[values > rule.positive_above] = 1.0
-    labels[values < rule.negative_below] = 0.0
     return labels
 
 
@@ -123,7 +119,7 @@ def build_spec(table: Table, train: pd.DataFrame) -> FeatureSpec:
               for f in fields]
     return FeatureSpec(fields=tuple(fields), vocabularies=vocabularies, numeric_stats=stats,
                        item_noun=table.item_noun, history_action=table.history_action,
-                       user_field=table.user_field, item_field=table.item_field)
+                       user_field=table.user_field, item_field=table.item_field, label=table.label)
 
 
 def distinct_rows(frame: pd.DataFrame, columns: list[str], list_columns: set[str] = frozenset()

@@ -77,6 +77,26 @@ class Field:
 
 
 @dataclass(frozen=True)
+class LabelRule:
+    """How a label is made. `column` already in {0, 1} when both thresholds are None; otherwise
+    value > positive_above -> 1, value < negative_below -> 0, anything between is dropped."""
+
+    column: str
+    positive_above: float | None = None
+    negative_below: float | None = None
+
+    def labels(self, values: pd.Series) -> pd.Series:
+        """1.0 / 0.0 per raw value, NaN where the rule drops the row or the value is missing or not a label."""
+        values = pd.to_numeric(values, errors="coerce").astype("float64")
+        if self.positive_above is None and self.negative_below is None:
+            return values.where(values.isin([0.0, 1.0]))
+        labels = pd.Series(np.nan, index=values.index)
+        labels[values > self.positive_above] = 1.0
+        labels[values < self.negative_below] = 0.0
+        return labels
+
+
+@dataclass(frozen=True)
 class FeatureSpec:
     """All fields plus what rendering and encoding need.
 
@@ -89,6 +109,7 @@ class FeatureSpec:
         history_action: "watched", "bought", ... for the behavior-sequence template.
         user_field: the user-id field, if any (cold-start slice: users never seen in training).
         item_field: the item-id field, if any (cold-start slice: items never seen in training).
+        label: how the label is made from the raw data (scoring new rows labels them the same way).
     """
 
     fields: tuple[Field, ...]
@@ -98,6 +119,7 @@ class FeatureSpec:
     history_action: str = "interacted with"
     user_field: str | None = None
     item_field: str | None = None
+    label: LabelRule | None = None
 
     def __getitem__(self, name: str) -> Field:
         for f in self.fields:
@@ -126,6 +148,7 @@ class FeatureSpec:
             "history_action": self.history_action,
             "user_field": self.user_field,
             "item_field": self.item_field,
+            "label": asdict(self.label) if self.label else None,
         }
 
     @classmethod
@@ -138,6 +161,7 @@ class FeatureSpec:
             history_action=d.get("history_action", "interacted with"),
             user_field=d.get("user_field"),
             item_field=d.get("item_field"),
+            label=LabelRule(**d["label"]) if d.get("label") else None,
         )
 
     def save(self, path: str | Path) -> None:

@@ -15,21 +15,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from tabular2text.schema import KINDS, Field, vocab_key
+from tabular2text.schema import KINDS, SIDES, Field, LabelRule, vocab_key
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file, line, field or value and what to do."""
-
-
-@dataclass(frozen=True)
-class LabelRule:
-    """How a label is made. `column` already in {0, 1} when both thresholds are None; otherwise
-    value > positive_above -> 1, value < negative_below -> 0, anything between is dropped."""
-
-    column: str
-    positive_above: float | None = None
-    negative_below: float | None = None
 
 
 @dataclass(frozen=True)
@@ -194,8 +184,12 @@ def read_movielens_1m(directory: Path, history_length: int = 10) -> Table:
 
 
 # --- RecBole atomic files -------------------------------------------------------------------------------
-def read_atomic(path: Path) -> pd.DataFrame:
-    """A RecBole atomic file: tab-separated, header `name:type`; token_seq columns are space-separated."""
+RECBOLE_KINDS = {"token": "categorical", "token_seq": "multi_valued", "float": "numeric"}
+
+
+def read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str]]:
+    """A RecBole atomic file -> (frame, column -> RecBole type). Tab-separated with a `name:type` header;
+    token_seq and float_seq values are space-separated; an empty value is missing."""
     if not path.is_file():
         raise DataError(f"missing file: {path}")
     with path.open(encoding="utf-8") as fh:
@@ -206,41 +200,184 @@ def read_atomic(path: Path) -> pd.DataFrame:
         if kind not in ("token", "token_seq", "float", "float_seq"):
             raise DataError(f"{path}:1: header {h!r} is not `name:type` with type token, token_seq, float or"
                             " float_seq; is this a RecBole atomic file?")
+        if name in types:
+            raise DataError(f"{path}:1: column {name!r} appears twice in the header")
         columns.append(name)
         types[name] = kind
     rows = read_lines(path, "\t", len(columns))[1:]
     frame = pd.DataFrame(rows, columns=columns)
     for name, kind in types.items():
+        values = frame[name].where(frame[name].str.strip() != "", None)
         if kind == "float":
-            frame[name] = numeric_column(frame[name], path, name, first_line=2)
+            frame[name] = numeric_column(values, path, name, first_line=2)
         elif kind.endswith("_seq"):
-            frame[name] = frame[name].str.split()
-    return frame
+            frame[name] = values.map(lambda v: v.split() if isinstance(v, str) else [])
+        else:
+            frame[name] = values
+    return frame, types
+
+
+def atomic_files(directory: Path) -> tuple[Path, Path | None, Path | None]:
+    """The .inter file of a RecBole data set directory and its optional .user and .item files."""
+    inters = sorted(directory.glob("*.inter"))
+    if len(inters) != 1:
+        found = ", ".join(p.name for p in inters) or "none"
+        raise DataError(f"{directory}: expected one RecBole <name>.inter file, found {found}")
+    stem = inters[0].with_suffix("")
+    extra = [stem.with_suffix(s) for s in (".user", ".item")]
+    return inters[0], *(p if p.is_file() else None for p in extra)
+
+
+def is_movielens_atomic(directory: Path) -> bool:
+    """RecBole's own ml-100k / ml-1m conversion (its .item has movie_title and class)."""
+    _, user, item = atomic_files(directory)
+    if user is None or item is None:
+        return False
+    with item.open(encoding="utf-8") as fh:
+        header = {h.partition(":")[0] for h in fh.readline().rstrip("\n").split("\t")}
+    return {"movie_title", "class"} <= header
 
 
 def read_recbole_movielens(directory: Path, history_length: int = 10) -> Table:
     """RecBole's ml-100k / ml-1m atomic files, mapped to the same fields as the raw MovieLens readers."""
-    d = Path(directory)
-    inters = sorted(d.glob("*.inter"))
-    if not inters:
-        raise DataError(f"no *.inter file in {d}; expected RecBole atomic files (<name>.inter/.user/.item)")
-    stem = inters[0].with_suffix("")
-    inter = read_atomic(stem.with_suffix(".inter"))
-    ratings = inter[["user_id", "item_id", "rating", "timestamp"]]
-    users = read_atomic(stem.with_suffix(".user"))[["user_id", "age", "gender", "occupation", "zip_code"]]
-    item = read_atomic(stem.with_suffix(".item"))
+    inter_path, user_path, item_path = atomic_files(Path(directory))
+    ratings = read_atomic(inter_path)[0][["user_id", "item_id", "rating", "timestamp"]]
+    users = read_atomic(user_path)[0][["user_id", "age", "gender", "occupation", "zip_code"]]
+    item = read_atomic(item_path)[0]
     items = []
     for item_id, words, year, genres in item[["item_id", "movie_title", "release_year", "class"]].itertuples(
             index=False):
         # RecBole's converter took the last "(...)" of the title as the year ("... (1995) (V)" -> "V"):
         # rebuild the original title and split it the same way as the raw MovieLens readers do.
-        raw_title = " ".join(words) if isinstance(words, list) else ""
-        year = "" if year == "unkonwn" else year
+        raw_title = " ".join(words)
+        year = "" if year in (None, "unkonwn") else year
         title, year = split_title(f"{raw_title} ({year})" if year else raw_title)
-        items.append((item_id, title, genres if isinstance(genres, list) else [], year))
+        items.append((item_id, title, genres, year))
     items = pd.DataFrame(items, columns=["item_id", "title", "genres", "release_year"])
-    return movielens_table(stem.name, ratings, users, items, history_length,
-                           tuple(stem.with_suffix(s) for s in (".inter", ".user", ".item")))
+    return movielens_table(inter_path.stem, ratings, users, items, history_length,
+                           (inter_path, user_path, item_path))
+
+
+TITLE_COLUMNS = ("title", "movie_title", "name", "item_name", "product_name")
+
+
+def read_recbole(directory: Path, history_length: int = 10, schema: dict | None = None,
+                 schema_path: Path | None = None) -> Table:
+    """Any RecBole atomic data set: <name>.inter plus optional <name>.user and <name>.item.
+
+    Column types map to kinds: token -> categorical, token_seq -> multi_valued, float -> numeric (float_seq
+    is refused: drop the column with `exclude`). Columns of .user are user-side, of .item item-side, other
+    columns of .inter context. A field's words in text are its column name with spaces for underscores.
+
+    Without a schema: `user_id` and `item_id` are the ids, `timestamp` orders time when present, and the
+    label is `label` ({0, 1}) when present, else `rating` with the paper's rule (above 3 positive, below 3
+    negative, 3 dropped). A schema YAML whose `data:` names the directory changes any of it: keys `label`,
+    `timestamp`, `user`, `item`, `history` ({text_field: ...} or false), `item_noun`, `history_action`,
+    `exclude` (columns to drop) and `fields` (per column, by name: kind, text, values, separator).
+    """
+    d = Path(directory)
+    schema = schema or {}
+    where = schema_path or d
+    inter_path, user_path, item_path = atomic_files(d)
+    exclude = set(schema.get("exclude") or [])
+    user, item = schema.get("user", "user_id"), schema.get("item", "item_id")
+    frame, types = read_atomic(inter_path)
+    sides = dict.fromkeys(frame.columns, "context")
+    for path, key, side in ((user_path, user, "user"), (item_path, item, "item")):
+        if path is None:
+            continue
+        extra, extra_types = read_atomic(path)
+        if key not in extra.columns:
+            raise DataError(f"{path}:1: no {side}-id column {key!r} to join on (columns: {', '.join(extra.columns)});"
+                            f" name it with `{side}:` in a schema YAML whose `data:` is this directory")
+        if key not in frame.columns:
+            raise DataError(f"{inter_path}:1: no {key!r} column to join {path.name} on")
+        clash = [c for c in extra.columns if c != key and c in frame.columns]
+        if clash:
+            raise DataError(f"{path}:1: column(s) {', '.join(clash)} also in {inter_path.name}; rename or `exclude`"
+                            " one of them")
+        duplicated = extra[key].duplicated()
+        if duplicated.any():
+            line = int(duplicated.to_numpy().argmax()) + 2
+            raise DataError(f"{path}:{line}: {key} {extra[key][duplicated].iloc[0]!r} appears twice; each id needs"
+                            " one line")
+        frame = frame.merge(extra, on=key, how="left")
+        types.update(extra_types)
+        sides.update({c: side for c in extra.columns if c != key})
+    for key, side in ((user, "user"), (item, "item")):
+        if key not in frame.columns:
+            raise DataError(f"{inter_path}:1: no {side}-id column {key!r} (columns: {', '.join(frame.columns)});"
+                            f" name it with `{side}:` in a schema YAML whose `data:` is this directory")
+        sides[key] = side
+
+    label = schema.get("label")
+    if label is None:
+        if "label" in frame.columns:
+            label = "label"
+        elif "rating" in frame.columns:
+            label = {"column": "rating", "positive_above": 3, "negative_below": 3}
+        else:
+            raise DataError(f"{inter_path}:1: no `label` or `rating` column; set `label:` in a schema YAML whose"
+                            " `data:` is this directory")
+    label = LabelRule(label) if isinstance(label, str) else LabelRule(**label)
+    timestamp = schema.get("timestamp", "timestamp" if "timestamp" in frame.columns else None)
+    for column in (label.column, timestamp):
+        if column and column not in frame.columns:
+            raise DataError(f"{where}: column {column!r} is not in {inter_path.name}")
+        if column and types[column] != "float":
+            frame[column] = numeric_column(frame[column], inter_path, column, first_line=2)
+
+    overrides = {}
+    for i, spec in enumerate(schema.get("fields") or []):
+        if not isinstance(spec, dict) or spec.get("name") not in frame.columns:
+            raise DataError(f"{where}: fields[{i}] names no column of {d.name} (columns: {', '.join(frame.columns)})")
+        overrides[spec["name"]] = spec
+    fields = []
+    for column in frame.columns:
+        if column in exclude or column in (label.column, timestamp):
+            continue
+        spec = overrides.get(column, {})
+        if types[column] == "float_seq" and "kind" not in spec:
+            raise DataError(f"{where}: column {column!r} is float_seq, which ctrl-rec cannot embed; drop it with"
+                            f" `exclude: [{column}]` in a schema YAML whose `data:` is this directory")
+        kind = spec.get("kind", RECBOLE_KINDS.get(types[column]))
+        if kind == "categorical" and types[column].endswith("_seq"):  # e.g. a title stored as words
+            frame[column] = frame[column].map(lambda v: " ".join(v) if v else None)
+        is_id = column in (user, item)
+        text = spec.get("text", None if is_id else column.replace("_", " "))
+        try:
+            fields.append(Field(column, kind, sides[column], text_name=text, separator=str(spec.get("separator", " ")),
+                                value_text={str(k): str(v) for k, v in (spec.get("values") or {}).items()}))
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from e
+        if kind == "numeric" and types[column] != "float":
+            frame[column] = numeric_column(frame[column], inter_path, column, first_line=2)
+    fields.sort(key=lambda f: SIDES.index(f.side))  # user, then context, then item fields
+    history = schema.get("history", {})
+    if history is not False:
+        item_fields = {f.name for f in fields if f.side == "item" and f.kind == "categorical" and f.text_name}
+        text_field = (history or {}).get("text_field") or next((c for c in TITLE_COLUMNS if c in item_fields), None)
+        if text_field not in item_fields | {None}:
+            raise DataError(f"{where}: `history: {{text_field: {text_field}}}` names no item-side categorical field")
+        history = HistoryRule(user, item, history_length)
+        fields.insert(sum(f.side != "item" for f in fields), Field(
+            "history", "sequence", "user", text_name="history", max_len=history_length,
+            shares_embedding=item, text_field=text_field))
+    else:
+        history = None
+    sources = tuple(p for p in (schema_path, inter_path, user_path, item_path) if p is not None)
+    return Table(name=inter_path.stem, frame=frame, fields=tuple(fields), label=label, timestamp=timestamp,
+                 history=history, item_noun=schema.get("item_noun", "item"),
+                 history_action=schema.get("history_action", "interacted with"), sources=sources,
+                 user_field=user, item_field=item)
+
+
+def read_recbole_dir(directory: Path, history_length: int = 10) -> Table:
+    """A RecBole directory: MovieLens conversions get the raw MovieLens readers' fields, any other data set
+    the generic atomic mapping (`read_recbole`)."""
+    if is_movielens_atomic(Path(directory)):
+        return read_recbole_movielens(directory, history_length)
+    return read_recbole(directory, history_length)
 
 
 # --- Generic: parquet or CSV + YAML schema --------------------------------------------------------------
@@ -255,11 +392,15 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
         schema = yaml.safe_load(schema_path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise DataError(f"{schema_path}: not valid YAML ({e})") from e
-    if not isinstance(schema, dict) or "data" not in schema or "fields" not in schema or "label" not in schema:
-        raise DataError(f"{schema_path}: a schema needs the keys `data`, `label` and `fields`")
+    if not isinstance(schema, dict) or "data" not in schema:
+        raise DataError(f"{schema_path}: a schema needs the key `data` (a parquet or CSV file, or a RecBole directory)")
     data_path = (schema_path.parent / schema["data"]).resolve()
+    if data_path.is_dir():
+        return read_recbole(data_path, history_length, schema, schema_path)
     if not data_path.is_file():
         raise DataError(f"{schema_path}: data file {data_path} does not exist")
+    if "fields" not in schema or "label" not in schema:
+        raise DataError(f"{schema_path}: a schema of a table needs the keys `data`, `label` and `fields`")
     if data_path.suffix == ".parquet":
         frame = pd.read_parquet(data_path)
     else:
@@ -350,7 +491,7 @@ def detect_format(path: Path) -> str:
                     " (MovieLens-1M), *.inter (RecBole) or a schema .yaml file")
 
 
-READERS = {"ml-100k": read_movielens_100k, "ml-1m": read_movielens_1m, "recbole": read_recbole_movielens,
+READERS = {"ml-100k": read_movielens_100k, "ml-1m": read_movielens_1m, "recbole": read_recbole_dir,
            "generic": read_generic}
 
 

@@ -161,6 +161,14 @@ class TextRenderer:
             text += phrase
         return text
 
+    @property
+    def item_intro(self) -> str:
+        """The item intro with its noun; "a {item_noun}" reads "an item", "an article" before a vowel."""
+        intro = self.templates.item_intro
+        if self.item_noun[:1].lower() in "aeio":
+            intro = intro.replace("a {item_noun}", "an {item_noun}")
+        return intro.format(item_noun=self.item_noun)
+
     def profile_sentence(self, row: Mapping[str, object]) -> str:
         """The user sentence without its behavior sequence(s) and not yet closed (see `close_user`)."""
         return self._sentence(self.templates.user_intro, [f for f in self.user_fields if f.kind != "sequence"], row,
@@ -173,7 +181,7 @@ class TextRenderer:
     def item_sentence(self, row: Mapping[str, object]) -> str:
         """The item sentence as `render` ends the text with it (closed by the side separator's stripped form)."""
         t = self.templates
-        return self._sentence(t.item_intro.format(item_noun=self.item_noun), self.item_fields, row, 0, {}) + \
+        return self._sentence(self.item_intro, self.item_fields, row, 0, {}) + \
             t.side_sep.rstrip()
 
     def behavior(self, items: str) -> str:
@@ -186,7 +194,7 @@ class TextRenderer:
         spans: dict[str, tuple[int, int]] = {}
         user = self._sentence(t.user_intro, self.user_fields, row, 0, spans)
         item_start = len(user) + len(t.side_sep)
-        item = self._sentence(t.item_intro.format(item_noun=self.item_noun), self.item_fields, row, item_start, spans)
+        item = self._sentence(self.item_intro, self.item_fields, row, item_start, spans)
         text = user + t.side_sep + item + t.side_sep.rstrip()
         spans["user"] = (0, len(user))
         spans["item"] = (item_start, item_start + len(item))

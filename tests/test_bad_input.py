@@ -190,7 +190,7 @@ def test_help_lists_every_subcommand_and_no_command_is_a_usage_error(capsys):
     out = capsys.readouterr().out
     assert done.value.code == 0 and out.startswith("usage: ctrl COMMAND")
     commands = [line.split()[1] for line in out.splitlines() if line.startswith("ctrl ")]
-    assert commands == ["prepare", "run", "bench", "export", "fit", "validate", "test", "predict", "COMMAND"]
+    assert commands == ["prepare", "run", "bench", "export", "score", "fit", "validate", "test", "predict", "COMMAND"]
     with pytest.raises(SystemExit) as done:
         main([])
     assert done.value.code == 2 and "usage: ctrl COMMAND" in capsys.readouterr().err

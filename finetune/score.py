@@ -1,0 +1,59 @@
+"""Score new rows: a CSV or parquet file of raw rows in, a parquet file of click probabilities out.
+
+    ctrl score --model runs/ml100k/export --rows new_rows.csv --out scores.parquet
+
+The rows carry raw values, as in the data the model was trained on (ids, categories, numbers, lists joined
+by the field's separator). The output keeps the input's order and holds the user and item id columns
+(when the rows have them), `probability`, and `label` when the rows carry the training label's column
+(labelled by the same rule; <NA> where the rule drops the row). Lightning and transformers are not needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from finetune.export import Scorer
+from tabular2text.atomic import atomic_path
+from tabular2text.sources import DataError
+
+
+def read_rows(path: str | Path) -> pd.DataFrame:
+    """A CSV (every value read as text, as the training reader does) or parquet file of raw rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"rows file {path} does not exist")
+    if path.suffix == ".parquet":
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from e
+    if path.suffix != ".csv":
+        raise DataError(f"{path}: rows must be a .csv or .parquet file")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: malformed CSV ({e})") from e
+
+
+def score_rows(scorer: Scorer, rows: pd.DataFrame, where: str = "rows") -> pd.DataFrame:
+    """The id columns of `rows`, the click probability and, when `rows` has the label column, the label."""
+    spec = scorer.spec
+    ids = [c for c in (spec.user_field, spec.item_field) if c and c in rows]
+    out = rows[ids].reset_index(drop=True).copy()
+    out["probability"] = scorer(rows, where)
+    if spec.label and spec.label.column in rows:
+        out["label"] = spec.label.labels(rows[spec.label.column]).reset_index(drop=True).astype("Int8")
+    return out
+
+
+def score_file(scorer: Scorer, rows_path: str | Path, out_path: str | Path) -> pd.DataFrame:
+    """Score the rows of a CSV or parquet file and write them to `out_path` (parquet), atomically."""
+    rows = read_rows(rows_path)
+    where = f"{rows_path} (row 1 is the first line after the header)" if Path(rows_path).suffix == ".csv" \
+        else str(rows_path)
+    scores = score_rows(scorer, rows, where)
+    with atomic_path(Path(out_path)) as tmp:
+        scores.to_parquet(tmp, index=False)
+    return scores

