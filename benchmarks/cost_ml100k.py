@@ -2,10 +2,10 @@
 
     python benchmarks/cost_ml100k.py [--data-dir ../shared/data/ml-100k] [--ctrl-export runs/main/export ...]
 
-(a) The four paper backbones (wide_deep, deepfm, dcn, autoint, as configured in
-    configs/ml100k/finetune_*.yaml) are trained from scratch (stage 2 only, early stopping on val AUC, as
-    `ctrl run --finetune ...` does) and exported with `finetune.export.export_model`. Each `--ctrl-export`
-    directory (written by `ctrl run --align ... --finetune ...`) joins them as "CTRL (backbone)". Every
+(a) The four paper backbones (wide_deep, deepfm, dcn, autoint, as configured in configs/ml100k/finetune.yaml
+    + finetune/BACKBONE.yaml) are trained from scratch (stage 2 only, early stopping on val AUC, as
+    `ctrl run --baseline true` does) and exported with `finetune.export.export_model`. Each `--ctrl-export`
+    directory (written by `ctrl run --backbone ...`) joins them as "CTRL (backbone)". Every
     export is timed on the whole test split at batch 4096 on two paths:
       torch:  `load_model(dir)` under `torch.inference_mode`, rows already encoded to tensors;
       Scorer: `load_scorer(dir)` on the raw test rows (encoding of raw values to ids included).
@@ -141,11 +141,11 @@ def semantic_scorer(encoder: FrozenEncoder, head: SemanticHead, table, datamodul
 
 
 def train_plain_backbones(data_dir: str, run_dir: Path, max_epochs: int | None) -> dict[str, Path]:
-    """Each backbone from scratch, as `ctrl run --finetune configs/ml100k/finetune_X.yaml` does; the exports."""
+    """Each backbone from scratch, as `ctrl run --baseline true --backbone X` does; the exports."""
     exports = {}
     for name in BACKBONES:
         out = run_dir / name
-        run(finetune=str(CONFIGS / f"finetune_{name}.yaml"), data_dir=data_dir, out=str(out),
+        run(backbone=name, config_dir=str(CONFIGS), baseline=True, data_dir=data_dir, out=str(out),
             max_epochs_finetune=max_epochs)
         finish_wandb()
         exports[name] = out / "export"
@@ -312,7 +312,7 @@ def write_report(args: argparse.Namespace, table: str, semantic: dict, encode_se
         " (Wide&Deep, DCN; measured beside this run), which times the neighbours, not the models.\n\n"
         f"{ctrl_note}\n\n"
         f"Test split: {len(raw_test):,} rows. Plain backbones: trained from scratch in this run (stage 2 only,"
-        " early stopping on val AUC, configs/ml100k/finetune_*.yaml) and exported with"
+        " early stopping on val AUC, configs/ml100k/finetune.yaml + finetune/BACKBONE.yaml) and exported with"
         " `finetune.export.export_model`. Test AUC / logloss: the Scorer's probabilities on the raw test rows"
         " (torchmetrics).\n\n"
         f"{table}\n\n"

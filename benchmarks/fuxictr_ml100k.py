@@ -50,6 +50,7 @@ from fuxictr.pytorch.torch_utils import seed_everything
 from fuxictr.utils import load_config, set_logger
 
 from ctrl.lightning import lightning_cli
+from ctrl.pipeline import stage_configs
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.schema import PAD, FeatureSpec
 
@@ -212,10 +213,11 @@ def run_fuxictr(name: str, config_dir: Path, data: dict, init_fix: bool = False)
 
 
 def run_ours(name: str, data_dir: str, run_dir: Path, max_epochs: int) -> dict[str, float]:
-    """Our stage-2 config for the backbone, trained from scratch (the baseline of `ctrl run --finetune`);
+    """Our stage-2 config for the backbone, trained from scratch (the baseline of `ctrl run --baseline true`);
     W&B logging off, as FuxiCTR logs to a file only."""
     root = str(run_dir / "ours" / name)
-    cli = lightning_cli(["--config", str(CONFIGS / f"finetune_{name}.yaml"), "--data.data_dir", data_dir,
+    cli = lightning_cli([*(a for c in stage_configs(CONFIGS, "finetune", name) for a in ("--config", c)),
+                         "--data.data_dir", data_dir,
                          "--trainer.max_epochs", str(max_epochs), "--trainer.default_root_dir", root,
                          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"],
                         run=False)
@@ -309,8 +311,8 @@ machine a second thread mostly waits for a core held by another job (see cost_ml
   model zoo, so DCN and DeepFM are composed from FuxiCTR's layers (`FeatureEmbedding`, `CrossNet`,
   `MLP_Block`, `FactorizationMachine`) as its model zoo composes them. FuxiCTR defaults kept: learning rate
   x0.1 after each epoch without improvement, gradient-norm clipping at 10, embeddings N(0, 1e-4).
-- ctrl-rec side: `configs/ml100k/finetune_{{dcn,deepfm}}.yaml` through the LightningCLI (`ctrl fit`), from
-  scratch, W&B logging off; test metrics of the best-val-AUC checkpoint (torchmetrics).
+- ctrl-rec side: `configs/ml100k/finetune.yaml` + `finetune/{{dcn,deepfm}}.yaml` through the LightningCLI
+  (`ctrl fit`), from scratch, W&B logging off; test metrics of the best-val-AUC checkpoint (torchmetrics).
 - Both: Adam lr 1e-3, batch 2048, embedding 32, MLP [256, 128, 64] with BatchNorm and dropout 0.1, DCN with 3
   cross layers, no regularisation, early stopping on val AUC with patience 2 (at most {args.max_epochs} epochs).
   Train samples/s = train rows x epochs run / wall time of fit (the per-epoch validation pass included on

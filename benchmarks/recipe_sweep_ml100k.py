@@ -1,4 +1,4 @@
-"""Choose the stage-1 recipe on validation: DCN, seed 0, ML-100K; stage 2 is the shipped finetune_dcn.yaml.
+"""Choose the stage-1 recipe on validation: DCN, seed 0, ML-100K; stage 2 is the shipped finetune.yaml (DCN).
 
     python benchmarks/recipe_sweep_ml100k.py --data-dir ../shared/data/ml-100k [--runs base b1024_e10 ...]
 
@@ -44,13 +44,13 @@ def one(name: str, data_dir: str, out: Path) -> dict:
               "--trainer.enable_progress_bar", "false"]
     start, init, stage1 = time.perf_counter(), [], {}
     if RUNS[name] is not None:
-        cli = lightning_cli(["--config", str(CONFIGS / "align_dcn.yaml"), *common, "--trainer.default_root_dir",
+        cli = lightning_cli(["--config", str(CONFIGS / "align.yaml"), *common, "--trainer.default_root_dir",
                              str(out / name / "align"), *RUNS[name]], run=False)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         init = ["--model.init_args.init_from", cli.trainer.checkpoint_callback.best_model_path]
         stage1 = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     stage1_s = time.perf_counter() - start
-    cli = lightning_cli(["--config", str(CONFIGS / "finetune_dcn.yaml"), *common, "--trainer.default_root_dir",
+    cli = lightning_cli(["--config", str(CONFIGS / "finetune.yaml"), *common, "--trainer.default_root_dir",
                          str(out / name / "finetune"), *init], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     (test,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)

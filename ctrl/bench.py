@@ -29,7 +29,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ctrl.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, timed, train
+from ctrl.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, stage_configs, timed, train
 from ctrl.probe import TransferProbe
 from finetune.guards import ConfigError
 from tabular2text.atomic import atomic_path, atomic_write_text
@@ -74,7 +74,8 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
 
     Args:
         data_dir: overrides data.data_dir of every stage config.
-        config_dir: holds align_BACKBONE.yaml (stage 1) and finetune_BACKBONE.yaml (stage 2) per backbone.
+        config_dir: holds align.yaml and finetune.yaml (the stages' bases) and align/BACKBONE.yaml,
+            finetune/BACKBONE.yaml (one overlay per backbone), as `ctrl run` reads them.
         args: overrides of both stages of every run, e.g. ["--trainer.logger", "false"].
         out: one folder per run (`out/VARIANT/BACKBONE/seedN`) and results.jsonl, one line per finished run.
         backbones: backbones of base and ctrl.
@@ -125,8 +126,8 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
              out: Path) -> None:
     """Train and evaluate one (variant, backbone, seed) unless results.jsonl already records it."""
     common = ["--seed_everything", str(seed), "--data.data_dir", data_dir, *common_args]
-    align_config = str(config_dir / f"align_{backbone}.yaml") if variant.align else None
-    finetune_config = str(config_dir / f"finetune_{backbone}.yaml")
+    align_config = stage_configs(config_dir, "align", backbone) if variant.align else None
+    finetune_config = stage_configs(config_dir, "finetune", backbone)
     args = {"align_config": align_config, "align_args": [*common, *variant.align_args] if variant.align else [],
             "finetune_config": finetune_config, "finetune_args": [*common, *variant.finetune_args]}
     results = out / RESULTS_FILE
@@ -170,12 +171,13 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     })
 
 
-def aligned(config: str, args: list[str], root: Path) -> dict:
-    """Stage 1 of (config file's content, args), trained once per benchmark folder: variants that differ
+def aligned(configs: list[str], args: list[str], root: Path) -> dict:
+    """Stage 1 of (config files' content, args), trained once per benchmark folder: variants that differ
     only in stage 2 start from the same stage-1 checkpoint. Returns its checkpoint, stage-1 metrics (best
     val/loss, the last epoch's other val/ metrics), per-epoch curve, epochs, phases, folder and whether it
     was reused."""
-    key = hashlib.sha256(json.dumps({"config": Path(config).read_text(), "args": args}).encode()).hexdigest()
+    content = [Path(c).read_text() for c in configs]
+    key = hashlib.sha256(json.dumps({"config": content, "args": args}).encode()).hexdigest()
     folder = root / key[:16]
     record = folder / "stage1.json"
     if record.is_file():
@@ -185,13 +187,13 @@ def aligned(config: str, args: list[str], root: Path) -> dict:
             return {**done, "reused": True}
     shutil.rmtree(folder, ignore_errors=True)
     phases: dict[str, float] = {}
-    trainer = fit_stage(config, folder, args, phases, STAGE1_PHASE).trainer
+    trainer = fit_stage(configs, folder, args, phases, STAGE1_PHASE).trainer
     finish_wandb()
     metrics = {"align/val/loss": float(trainer.checkpoint_callback.best_model_score)}
     metrics.update({f"align/{k}": float(v) for k, v in trainer.callback_metrics.items()
                     if k.startswith("val/") and k != "val/loss"})
     curve = next((c.history for c in trainer.callbacks if isinstance(c, TransferProbe)), None)
-    done = {"checkpoint": best_checkpoint(trainer), "config": config, "args": args, "metrics": metrics,
+    done = {"checkpoint": best_checkpoint(trainer), "config": configs, "args": args, "metrics": metrics,
             "curve": curve, "epochs": trainer.current_epoch, "phases": phases, "dir": str(folder)}
     atomic_write_text(record, json.dumps(done, indent=1))
     return {**done, "reused": False}

@@ -21,6 +21,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from ctrl.lightning import lightning_cli
 from finetune.export import export_model, load_scorer
+from finetune.guards import ConfigError
 from tabular2text.prepare import labelled_splits
 from tabular2text.sources import read_table
 
@@ -57,13 +58,26 @@ class Stages:
     phases: dict[str, float]
 
 
-def train(*, finetune: str, align: str | None = None, out: Path, align_args: Sequence[str] = (),
+def stage_configs(config_dir: str | Path, stage: str, backbone: str) -> list[str]:
+    """The config files of one stage, in the order LightningCLI merges them: the stage's base
+    (`DIR/align.yaml` or `DIR/finetune.yaml`) and the backbone's overlay (`DIR/align/BACKBONE.yaml`)."""
+    d = Path(config_dir)
+    files = [d / f"{stage}.yaml", d / stage / f"{backbone}.yaml"]
+    for path in files:
+        if not path.is_file():
+            known = sorted(p.stem for p in (d / stage).glob("*.yaml"))
+            raise ConfigError(f"{path} does not exist: a config directory holds {stage}.yaml and one overlay per"
+                              f" backbone in {stage}/ (in {d}: {', '.join(known) or 'none'})")
+    return [str(p) for p in files]
+
+
+def train(*, finetune: Sequence[str], align: Sequence[str] | None = None, out: Path, align_args: Sequence[str] = (),
           finetune_args: Sequence[str] = ()) -> Stages:
     """Stage 1 (when `align` is given), then stage 2 starting from stage 1's best checkpoint.
 
     Args:
-        finetune: stage-2 config (configs/ml100k/finetune_*.yaml).
-        align: stage-1 config (configs/ml100k/align_*.yaml); None trains stage 2 from scratch (the baseline).
+        finetune: stage-2 config files, merged in order (`stage_configs(dir, "finetune", backbone)`).
+        align: stage-1 config files; None trains stage 2 from scratch (the baseline).
         out: directory for checkpoints and W&B files, `out/align` and `out/finetune`.
         align_args: further LightningCLI arguments of stage 1, e.g. ["--seed_everything", "1"]; they come
             last, so they override the config and the output directories (e.g. ["--trainer.logger", "false"]).
@@ -83,29 +97,36 @@ def train(*, finetune: str, align: str | None = None, out: Path, align_args: Seq
 STAGE1_PHASE = "stage 1 (incl. text encoding)"
 
 
-def fit_stage(config: str, out: Path, args: Sequence[str], phases: dict[str, float], phase: str) -> LightningCLI:
-    """Fit one stage's config with checkpoints (out/checkpoints) and W&B files under `out`; `args` come last."""
+def fit_stage(configs: Sequence[str], out: Path, args: Sequence[str], phases: dict[str, float],
+              phase: str) -> LightningCLI:
+    """Fit one stage's config files with checkpoints (out/checkpoints) and W&B files under `out`; `args` come
+    last."""
     with timed(phases, "prepare"):
-        cli = lightning_cli(["--config", config, "--trainer.default_root_dir", str(out),
+        files = [arg for config in configs for arg in ("--config", config)]
+        cli = lightning_cli([*files, "--trainer.default_root_dir", str(out),
                              "--trainer.logger.init_args.save_dir", str(out), *args], run=False)
     with timed(phases, phase):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
 
 
-def run(*, finetune: str, align: str | None = None, data_dir: str | None = None, out: str = "runs/main",
-        max_epochs_align: PositiveInt | None = None,
+def run(*, backbone: str = "dcn", config_dir: str = "configs/ml100k", baseline: bool = False,
+        data_dir: str | None = None, out: str = "runs/main", max_epochs_align: PositiveInt | None = None,
         max_epochs_finetune: PositiveInt | None = None) -> dict[str, float]:
     """Run CTRL end to end and print the exported model's test metrics.
 
     Args:
-        finetune: stage-2 config (configs/ml100k/finetune_*.yaml).
-        align: stage-1 config (configs/ml100k/align_*.yaml); without it, the from-scratch baseline.
-        data_dir: overrides data.data_dir of both configs.
+        backbone: the collaborative model: wide_deep, deepfm, dcn, autoint, dcnv2, xdeepfm, fibinet, pnn, din
+            (an overlay in CONFIG_DIR/align/ and CONFIG_DIR/finetune/).
+        config_dir: holds align.yaml and finetune.yaml (the stages' bases) and align/, finetune/ (the overlays).
+        baseline: skip stage 1: the backbone trained from scratch.
+        data_dir: overrides data.data_dir of both stages.
         out: directory for checkpoints, W&B files and the export.
         max_epochs_align: overrides trainer.max_epochs of stage 1.
         max_epochs_finetune: overrides trainer.max_epochs of stage 2.
     """
+    finetune = stage_configs(config_dir, "finetune", backbone)
+    align = None if baseline else stage_configs(config_dir, "align", backbone)
     out_dir = Path(out)
     data = ["--data.data_dir", data_dir] if data_dir else []
 

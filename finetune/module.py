@@ -1,7 +1,7 @@
 """Stage 2: supervised fine-tuning of the collaborative tower alone (or, without `init_from`, the plain
 from-scratch CTR baseline: the two differ only in how the tower starts).
 
-    ctrl fit --config configs/ml100k/finetune_dcn.yaml --model.init_args.init_from runs/.../align.ckpt
+    ctrl fit --config configs/ml100k/finetune.yaml --model.init_args.init_from runs/.../align.ckpt
 
 The language model is never loaded here: a stage-1 checkpoint contributes only its `tower.` weights.
 """
@@ -170,7 +170,7 @@ def load_stage2(ckpt_path: str | Path, what: str = "export") -> CTRModule:
     if stage != 2:
         kind = "a stage-1 (alignment) checkpoint" if stage == 1 else "not a ctrl-rec checkpoint"
         raise CheckpointError(f"{path} is {kind}; {what} takes a stage-2 checkpoint: fine-tune first"
-                              " (ctrl fit --config configs/ml100k/finetune_dcn.yaml --model.init_args.init_from"
+                              " (ctrl fit --config configs/ml100k/finetune.yaml --model.init_args.init_from"
                               " ALIGN.ckpt) and pass its best.ckpt")
     return CTRModule.load_from_checkpoint(path, map_location="cpu")
 

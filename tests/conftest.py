@@ -145,17 +145,26 @@ def small_config(source: Path, target: Path, **model_args) -> Path:
     return target
 
 
+def small_config_dir(target: Path, bert_dir: str, text_cache_dir: Path) -> Path:
+    """A config directory as `ctrl run` and `ctrl bench` read it: the shipped stage bases with small-data
+    settings (a tiny BERT as the language tower) and the shipped backbone overlays."""
+    target.mkdir()
+    small_config(CONFIGS / "align.yaml", target / "align.yaml", language_model=bert_dir,
+                 text_cache_dir=str(text_cache_dir), warmup_steps=2)
+    small_config(CONFIGS / "finetune.yaml", target / "finetune.yaml")
+    for stage in ("align", "finetune"):
+        shutil.copytree(CONFIGS / stage, target / stage)
+    return target
+
+
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, bert_dir):
     tmp = tmp_path_factory.mktemp("pipeline")
     data = write_small_ml1m(tmp / "ml-1m")
-    align = small_config(CONFIGS / "align_dcn.yaml", tmp / "align.yaml", language_model=bert_dir,
-                         text_cache_dir=str(tmp / "text-vectors"), warmup_steps=2)
-    finetune = small_config(CONFIGS / "finetune_dcn.yaml", tmp / "finetune.yaml")
+    configs = small_config_dir(tmp / "configs", bert_dir, tmp / "text-vectors")
     from ctrl.cli import main
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CTRL_CACHE_DIR", str(tmp / "cache"))
-        main(["run", "--align", str(align), "--finetune", str(finetune), "--data_dir", str(data),
-              "--out", str(tmp / "out")])
+        main(["run", "--config_dir", str(configs), "--data_dir", str(data), "--out", str(tmp / "out")])
     return tmp

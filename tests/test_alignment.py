@@ -16,7 +16,7 @@ from ctrl.module import AlignmentModule
 from ctrl.probe import TransferProbe
 from finetune.module import load_aligned_tower
 from tabular2text.datamodule import TensorDictDataset, keep_batch
-from towers import DeepFM
+from towers import BACKBONES, DeepFM
 from towers.language import LanguageTower
 from towers.text_cache import FrozenEncoder
 
@@ -305,3 +305,30 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(bert_dir, tmp_p
     assert loss_two.item() == pytest.approx(loss_one.item(), abs=1e-6)
     assert not torch.equal(weights_one["tab_proj.weight"], initial.state_dict()["tab_proj.weight"])
     torch.testing.assert_close(weights_two, weights_one, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def small_ml1m(tmp_path_factory):
+    from conftest import write_small_ml1m
+
+    return write_small_ml1m(tmp_path_factory.mktemp("data") / "ml-1m")
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_stage1_base_and_overlay_fast_dev_run_per_backbone(bert_dir, tmp_path, small_ml1m, backbone):
+    """align.yaml + align/BACKBONE.yaml: the backbone's class, the shipped stage-1 recipe, two real steps."""
+    from conftest import CONFIGS
+
+    from ctrl.lightning import lightning_cli
+
+    cli = lightning_cli([
+        "--config", str(CONFIGS / "align.yaml"), "--config", str(CONFIGS / "align" / f"{backbone}.yaml"),
+        "--data.data_dir", str(small_ml1m), "--data.cache_dir", str(tmp_path / "cache"),
+        "--model.init_args.language_model", bert_dir, "--model.init_args.text_cache_dir", str(tmp_path / "vectors"),
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.fast_dev_run", "2",
+        "--data.batch_size", "64"], run=False)
+    assert type(cli.model.tower) is BACKBONES[backbone]
+    assert (cli.model.hparams.temperature, cli.model.hparams.lr) == (0.1, 0.0005)
+    assert cli.model.hparams.backbone["init_args"]["dropout"] == 0.1
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2

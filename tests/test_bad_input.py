@@ -64,7 +64,7 @@ def generic(tmp: Path, csv: str = GENERIC_CSV, schema: str = GENERIC_SCHEMA) -> 
 
 def fit(run: Path, stage: str, *extra: str) -> list[str]:
     """A small `ctrl fit` of one stage on the small run's data, with checkpoints under `tmp`."""
-    return ["fit", "--config", str(run / f"{stage}.yaml"), "--data.data_dir", str(run / "ml-1m"),
+    return ["fit", "--config", str(run / "configs" / f"{stage}.yaml"), "--data.data_dir", str(run / "ml-1m"),
             "--trainer.logger", "false", *extra]
 
 
@@ -239,10 +239,10 @@ def test_truncated_or_incomplete_export_is_refused_by_name(small_run, tmp_path):
 
 
 @pytest.mark.parametrize(("config", "option", "value"), [
-    ("finetune_dcn", "--model.init_args.lr", "-0.01"), ("finetune_dcn", "--data.batch_size", "0"),
-    ("finetune_dcn", "--model.init_args.init_lr_scale", "0"), ("align_dcn", "--model.init_args.temperature", "-0.1"),
-    ("align_dcn", "--model.init_args.num_subspaces", "0"), ("align_dcn", "--data.history_length", "-1"),
-    ("align_dcn", "--data.val_fold", "-1")])
+    ("finetune", "--model.init_args.lr", "-0.01"), ("finetune", "--data.batch_size", "0"),
+    ("finetune", "--model.init_args.init_lr_scale", "0"), ("align", "--model.init_args.temperature", "-0.1"),
+    ("align", "--model.init_args.num_subspaces", "0"), ("align", "--data.history_length", "-1"),
+    ("align", "--data.val_fold", "-1")])
 def test_impossible_settings_are_refused_before_any_work(capsys, config, option, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIGS / f"{config}.yaml"), option, value, "--print_config"])
@@ -252,5 +252,13 @@ def test_impossible_settings_are_refused_before_any_work(capsys, config, option,
 
 def test_run_refuses_zero_epochs(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", "--finetune", str(CONFIGS / "finetune_dcn.yaml"), "--max_epochs_finetune", "0"])
+        main(["run", "--baseline", "true", "--max_epochs_finetune", "0"])
     assert exit_info.value.code == 2 and "max_epochs_finetune" in capsys.readouterr().err
+
+
+def test_run_names_a_missing_backbone_overlay(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--backbone", "dnc", "--config_dir", str(CONFIGS)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "finetune/dnc.yaml does not exist" in err and "autoint, dcn, dcnv2, deepfm, din" in err

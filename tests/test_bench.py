@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import small_config, write_small_ml1m
+from conftest import small_config_dir, write_small_ml1m
 from scipy.stats import ttest_rel
 
 import ctrl.bench
@@ -37,11 +37,7 @@ def one_thread():
 def bench_run(tmp_path_factory, bert_dir):
     tmp = tmp_path_factory.mktemp("bench")
     data = write_small_ml1m(tmp / "ml-1m")
-    configs = tmp / "configs"
-    configs.mkdir()
-    small_config(ROOT / "configs/ml100k/align_dcn.yaml", configs / "align_dcn.yaml", language_model=bert_dir,
-                 text_cache_dir=str(tmp / "text-vectors"), warmup_steps=2)
-    small_config(ROOT / "configs/ml100k/finetune_dcn.yaml", configs / "finetune_dcn.yaml")
+    configs = small_config_dir(tmp / "configs", bert_dir, tmp / "text-vectors")
     (tmp / "cost.md").write_text("# Cost\n\n| phase | s |\n|---|---|\n| encode | 1.0 |\n")
     (tmp / "bench.yaml").write_text(yaml.safe_dump({
         "data_dir": str(data), "config_dir": str(configs), "out": str(tmp / "out"), "backbones": ["dcn"],
@@ -211,18 +207,26 @@ def test_every_ablation_of_the_shipped_config_names_options_of_its_stages(capsys
         return yaml.safe_load(capsys.readouterr().out)
 
     configs = [printed(["bench", "--config", str(path)]) for path in sorted((ROOT / "configs/bench").glob("*.yaml"))]
-    stages = {stage: printed(["fit", "--config", str(ROOT / configs[0]["config_dir"] / f"{stage}_dcn.yaml")])
+    stages = {stage: printed(["fit", "--config", str(ROOT / configs[0]["config_dir"] / f"{stage}.yaml")])
               for stage in ("align", "finetune")}
     targets_of = {"args": ("align", "finetune"), "align_args": ("align",), "finetune_args": ("finetune",)}
     assert len(configs) >= 2 and all(len(config["ablations"]) > 0 for config in configs)
+
+    def options(overlay: dict, prefix: str = "") -> list[str]:  # an overlay file's keys as --a.b.c options
+        return [o for k, v in overlay.items() for o in (options(v, f"{prefix}{k}.") if isinstance(v, dict) and
+                                                        "class_path" not in v else [f"--{prefix}{k}"])]
+
     for ablation in [a for config in configs for a in config["ablations"]]:
         for key, targets in targets_of.items():
-            for option in ablation.get(key, [])[::2]:  # option, value, option, value ...
+            pairs = ablation.get(key, [])
+            for option, value in zip(pairs[::2], pairs[1::2], strict=True):
+                named = options(yaml.safe_load((ROOT / value).read_text())) if option == "--config" else [option]
                 for stage in targets:
-                    node = stages[stage]
-                    for part in option.removeprefix("--").split("."):
-                        assert part in node, f"{ablation['name']}: {option} is no option of the {stage} config"
-                        node = node[part]
+                    for name in named:
+                        node = stages[stage]
+                        for part in name.removeprefix("--").split("."):
+                            assert part in node, f"{ablation['name']}: {name} is no option of the {stage} config"
+                            node = node[part]
 
 
 def test_relaimpr_is_undefined_below_chance_and_the_auc_difference_is_reported_instead():

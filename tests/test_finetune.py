@@ -16,10 +16,11 @@ from finetune.export import encode_rows, load_scorer
 from tabular2text.encode import frame_to_tensors
 from tabular2text.prepare import labelled_splits
 from tabular2text.sources import read_table
+from towers import BACKBONES
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
-CONFIG = ROOT / "configs" / "ml100k" / "finetune_dcn.yaml"
+CONFIG = ROOT / "configs" / "ml100k" / "finetune.yaml"  # DCN
 
 
 def fit_args(tmp: Path, cache: Path, *extra: str) -> list[str]:
@@ -60,11 +61,24 @@ def test_init_lr_scale_slows_only_the_weights_stage_1_initialised():
         (pytest.approx(0.001), sizes["embedding"]), (0.01, sizes["all"] - sizes["embedding"])]
 
 
-@pytest.mark.parametrize("backbone", ["wide_deep", "deepfm", "dcn", "autoint"])
-def test_stage2_fast_dev_run_per_paper_backbone(tmp_path, cache, backbone):
-    config = ROOT / "configs" / "ml100k" / f"finetune_{backbone}.yaml"
-    main(["fit", "--config", str(config), "--data.data_dir", str(ML100K), "--data.cache_dir", str(cache),
-          "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.fast_dev_run", "2"])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_stage2_base_and_overlay_fast_dev_run_per_backbone(tmp_path, cache, backbone):
+    """finetune.yaml + finetune/BACKBONE.yaml: the backbone's class, its tuned values, and two real steps."""
+    from pytorch_lightning.cli import LightningCLI
+
+    from ctrl.lightning import lightning_cli
+
+    overlay = ROOT / "configs" / "ml100k" / "finetune" / f"{backbone}.yaml"
+    cli: LightningCLI = lightning_cli([
+        "--config", str(CONFIG), "--config", str(overlay), "--data.data_dir", str(ML100K), "--data.cache_dir",
+        str(cache), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+        "--trainer.fast_dev_run", "2"], run=False)
+    assert type(cli.model.model.tower) is BACKBONES[backbone]
+    tuned = {"wide_deep": (0.003, 2048), "deepfm": (0.003, 2048), "autoint": (0.001, 512)}
+    assert (cli.model.hparams.lr, cli.datamodule.hparams.batch_size) == tuned.get(backbone, (0.001, 2048))
+    assert cli.model.hparams.backbone["init_args"]["dropout"] == 0.3
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2
 
 
 def test_a_ctrl_fit_checkpoint_reloads_without_arguments_and_exports(tmp_path, cache, capsys):
@@ -100,7 +114,8 @@ def test_train_export_and_score_raw_rows_in_a_fresh_process(tmp_path, cache, cap
     """One real epoch, test, predict to parquet, export; a new process loads the export and scores raw
     test rows: equal to the fine-tuned model's predictions within 1e-6. W&B wrote its files offline."""
     out = tmp_path / "run"
-    main(["run", "--finetune", str(CONFIG), "--data_dir", str(ML100K), "--out", str(out), "--max_epochs_finetune", "1"])
+    main(["run", "--baseline", "true", "--config_dir", str(ROOT / "configs" / "ml100k"), "--data_dir", str(ML100K),
+          "--out", str(out), "--max_epochs_finetune", "1"])
     text = capsys.readouterr().out
     assert "test AUC" in text and "wall time per phase" in text
 
@@ -118,6 +133,7 @@ from tabular2text.prepare import labelled_splits
 from tabular2text.sources import read_table
 from tabular2text.encode import frame_to_tensors
 from finetune.export import encode_rows, load_scorer
+from towers import BACKBONES
 rows = labelled_splits(read_table({str(ML100K)!r}))["test"].drop(columns=["label", "rating"])
 np.save({str(tmp_path / 'scores.npy')!r}, load_scorer({str(out / 'export')!r})(rows))
 assert "pytorch_lightning" not in sys.modules and "transformers" not in sys.modules, sorted(sys.modules)
@@ -129,8 +145,8 @@ assert "pytorch_lightning" not in sys.modules and "transformers" not in sys.modu
 
 def test_scorer_handles_unseen_missing_and_extra_columns(tmp_path, cache):
     out = tmp_path / "run"
-    main(["run", "--finetune", str(CONFIG), "--data_dir", str(ML100K), "--out", str(out),
-          "--max_epochs_finetune", "1"])
+    main(["run", "--baseline", "true", "--config_dir", str(ROOT / "configs" / "ml100k"), "--data_dir", str(ML100K),
+          "--out", str(out), "--max_epochs_finetune", "1"])
     scorer = load_scorer(out / "export")
     rows = labelled_splits(read_table(ML100K))["test"].head(4).copy()
     base = scorer(rows)

@@ -1,5 +1,6 @@
 """Users' own data and serving: any RecBole atomic data set, scoring new rows from a file, ONNX export."""
 
+import shlex
 import shutil
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def test_model_onnx_scores_the_test_split_as_torch_does(tmp_path, ml100k_spec_an
 def test_ctrl_score_new_rows_from_csv_and_parquet(tmp_path, capsys):
     """A model trained with `ctrl fit` scores a file of raw rows: from the checkpoint or its export, the same
     probabilities; the ids and the label (by the training rule) come along; a bad value is one line."""
-    main(["fit", "--config", str(ROOT / "configs" / "ml100k" / "finetune_dcn.yaml"), "--data.data_dir", str(ML100K),
+    main(["fit", "--config", str(ROOT / "configs" / "ml100k" / "finetune.yaml"), "--data.data_dir", str(ML100K),
           "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path),
           "--trainer.logger", "false", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5"])
     ckpt = tmp_path / "checkpoints" / "best.ckpt"
@@ -191,3 +192,25 @@ def test_ctrl_score_refuses_a_bad_value_in_one_line_and_writes_nothing(tmp_path,
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_the_readme_own_data_commands_run_verbatim(tmp_path, monkeypatch, capsys):
+    """Each command of the README's "Your own data" block, as written, from a folder laid out like the
+    repository root (its configs/); outputs land in that folder."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Your own data", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    assert len(commands) == 6 and all(c[0] == "ctrl" for c in commands)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CTRL_CACHE_DIR", str(tmp_path / "cache"))
+    for command in commands:
+        main(command[1:])
+    out = capsys.readouterr().out
+    assert out.count("test AUC") == 2 and "This is an item, title is" in out
+    generic = pd.read_parquet(tmp_path / "runs" / "generic" / "scores.parquet")
+    assert len(generic) == 60 and generic.probability.between(0, 1).all() and generic.label.notna().all()
+    shop = pd.read_parquet(tmp_path / "runs" / "shop" / "scores.parquet")
+    assert shop.user_id.tolist() == ["U03", "U05", "U99", "U10"]
+    assert shop.label.tolist()[:2] == [1, 0] and shop.label.isna().tolist()[2:] == [True, True]
+    assert (tmp_path / "runs" / "shop" / "export" / "model.onnx").is_file()

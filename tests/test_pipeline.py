@@ -115,8 +115,8 @@ def test_cli_refuses_a_stage2_checkpoint_as_init_from_with_one_clear_line(small_
     monkeypatch.setenv("CTRL_CACHE_DIR", str(small_run / "cache"))
     finetune_ckpt = next((small_run / "out" / "finetune").rglob("best.ckpt"))
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(small_run / "finetune.yaml"), "--data.data_dir", str(small_run / "ml-1m"),
-              "--trainer.logger", "false", "--trainer.fast_dev_run", "1",
+        main(["fit", "--config", str(small_run / "configs" / "finetune.yaml"), "--data.data_dir",
+              str(small_run / "ml-1m"), "--trainer.logger", "false", "--trainer.fast_dev_run", "1",
               "--model.init_args.init_from", str(finetune_ckpt)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
