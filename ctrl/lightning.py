@@ -3,14 +3,55 @@
 from __future__ import annotations
 
 import os
+import random
+import warnings
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
+from pytorch_lightning import Callback
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
 
 from finetune.guards import STAGE_NAMES, CheckpointError, checkpoint_stage, read_checkpoint
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.schema import FeatureSpec
+
+# Lightning calls a mid-epoch resume unreliable unless the DataLoader itself is stateful; here the data module
+# restores its position within the epoch (CTRDataModule.state_dict) and RandomState the random states.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+
+
+class RandomState(Callback):
+    """Keeps the torch, numpy, Python (and CUDA) random states in every checkpoint and restores them on resume:
+    with the data module's position, a fit resumed mid-epoch (`--ckpt_path last`) replays the uninterrupted
+    run, down to the dropout masks."""
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+        if torch.cuda.is_available():  # dropout on a GPU draws from its own generator
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class WandbRunId(Callback):
+    """Records the W&B run id in every checkpoint; `ctrl fit --ckpt_path` of it continues that run."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        ids = [logger.version for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if ids:
+            checkpoint["wandb_run_id"] = ids[0]
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -31,6 +72,32 @@ class CTRLCLI(LightningCLI):
         parser.link_arguments("data.feature_spec", "model.init_args.feature_spec", compute_fn=FeatureSpec.to_dict,
                               apply_on="instantiate")
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config else None
+        if ckpt_path == "last":
+            ckpt_path = Path(config.trainer.default_root_dir or ".") / "checkpoints" / "last.ckpt"
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        ckpt = read_checkpoint(Path(ckpt_path), "--ckpt_path")
+        if not isinstance(ckpt, dict):
+            return  # the stage's own guard names what is wrong with it
+        # LightningCLI rebuilds the module a --ckpt_path names, whatever the config says: `ctrl test` with a
+        # finetune config and an alignment checkpoint would quietly run stage-1 validation. Refuse instead.
+        saved = ckpt.get("hyper_parameters", {}).get("_class_path")
+        wanted = config.get("model", {}).get("class_path")
+        if saved and wanted and saved != wanted:
+            stage = STAGE_NAMES.get(checkpoint_stage(ckpt), "other")
+            raise CheckpointError(f"--ckpt_path {ckpt_path} is a {stage} checkpoint of {saved}, but the config"
+                                  f" builds {wanted}; pass a checkpoint written with this config")
+        # A resumed fit continues the checkpoint's W&B run rather than starting a new one.
+        logger, run_id = config.trainer.get("logger"), ckpt.get("wandb_run_id")
+        if (subcommand == "fit" and run_id and getattr(logger, "class_path", "").endswith("WandbLogger")
+                and not logger.init_args.get("id")):
+            logger.init_args.id = run_id
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         # Checkpoints go to <default_root_dir>/checkpoints, not into a folder per logger run: W&B names that
@@ -38,21 +105,8 @@ class CTRLCLI(LightningCLI):
         for callback in self.trainer.checkpoint_callbacks:
             if callback.dirpath is None:
                 callback.dirpath = os.path.realpath(os.path.join(self.trainer.default_root_dir, "checkpoints"))
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI rebuilds the module a --ckpt_path names, whatever the config says: `ctrl test` with a
-        # finetune config and an alignment checkpoint would quietly run stage-1 validation. Refuse instead.
-        config = self.config.get(self.config.get("subcommand") or "", {})
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file():
-            ckpt = read_checkpoint(Path(ckpt_path), "--ckpt_path")
-            saved = ckpt.get("hyper_parameters", {}).get("_class_path") if isinstance(ckpt, dict) else None
-            wanted = config.get("model", {}).get("class_path")
-            if saved and wanted and saved != wanted:
-                stage = STAGE_NAMES.get(checkpoint_stage(ckpt), "other")
-                raise CheckpointError(f"--ckpt_path {ckpt_path} is a {stage} checkpoint of {saved}, but the config"
-                                      f" builds {wanted}; pass a checkpoint written with this config")
-        super()._parse_ckpt_path()
+        # Before the checkpoint callbacks, which Lightning keeps last.
+        self.trainer.callbacks[:0] = [RandomState(), WandbRunId()]
 
 
 def lightning_cli(args: list[str] | None, run: bool = True) -> CTRLCLI:

@@ -22,6 +22,7 @@ from torchmetrics.functional.classification import binary_auroc
 from ctrl.lightning import lightning_cli
 from finetune.export import export_model, load_scorer
 from finetune.guards import ConfigError
+from finetune.module import ExportBest, log_export_artifact
 from tabular2text.prepare import labelled_splits
 from tabular2text.sources import read_table
 
@@ -90,11 +91,12 @@ def train(*, finetune: Sequence[str], align: Sequence[str] | None = None, out: P
         stage1 = fit_stage(align, out / "align", align_args, phases, STAGE1_PHASE)
         finish_wandb()
         init = ["--model.init_args.init_from", best_checkpoint(stage1.trainer)]
-    stage2 = fit_stage(finetune, out / "finetune", [*init, *finetune_args], phases, "stage 2")
+    stage2 = fit_stage(finetune, out / "finetune", [*init, *finetune_args], phases, STAGE2_PHASE)
     return Stages(stage1, stage2, phases)
 
 
 STAGE1_PHASE = "stage 1 (incl. text encoding)"
+STAGE2_PHASE = "stage 2"
 
 
 def fit_stage(configs: Sequence[str], out: Path, args: Sequence[str], phases: dict[str, float],
@@ -138,9 +140,16 @@ def run(*, backbone: str = "dcn", config_dir: str = "configs/ml100k", baseline: 
     stage2, phases = stages.finetune, stages.phases
     with timed(phases, "test"):
         (metrics,) = stage2.trainer.test(stage2.model, datamodule=stage2.datamodule, ckpt_path="best")
-    with timed(phases, "export"):
-        export_dir = export_model(stage2.model.model, stage2.datamodule.feature_spec, stage2.model.hparams.backbone,
-                                  out_dir / "export")
+    exporter = next((c for c in stage2.trainer.callbacks if isinstance(c, ExportBest)), None)
+    export_dir = exporter.export_dir if exporter else None
+    if export_dir:  # exported at the end of stage 2's fit
+        phases[STAGE2_PHASE] -= exporter.seconds
+        phases["export"] = exporter.seconds
+    else:  # a stage-2 config without the ExportBest callback
+        with timed(phases, "export"):
+            export_dir = export_model(stage2.model.model, stage2.datamodule.feature_spec,
+                                      stage2.model.hparams.backbone, out_dir / "finetune" / "export")
+        log_export_artifact(stage2.trainer, export_dir)
     with timed(phases, "score export"):
         # A fresh load of the export scores the raw test rows, as a serving system would.
         test_rows = labelled_splits(read_table(Path(stage2.datamodule.hparams.data_dir)))["test"]
@@ -148,7 +157,6 @@ def run(*, backbone: str = "dcn", config_dir: str = "configs/ml100k", baseline: 
         labels = torch.tensor(test_rows["label"].to_numpy(), dtype=torch.float32)
         exported = {"auc": float(binary_auroc(probs, labels.long())),
                     "logloss": float(F.binary_cross_entropy(probs.double(), labels.double()))}
-    log_export_artifact(stage2.trainer, export_dir)
 
     print(f"\nexported model: {export_dir}")
     print(f"test AUC {exported['auc']:.4f}  logloss {exported['logloss']:.4f}  (exported model, "
@@ -158,16 +166,3 @@ def run(*, backbone: str = "dcn", config_dir: str = "configs/ml100k", baseline: 
     for name, seconds in phases.items():
         print(f"  {name:<32} {seconds:8.1f} s")
     return {"test/auc": exported["auc"], "test/logloss": exported["logloss"], **metrics}
-
-
-def log_export_artifact(trainer, export_dir: Path) -> None:
-    """Attach the exported model to the W&B run, when the run logs to W&B."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            artifact = wandb.Artifact(name=f"ctrl-model-{logger.experiment.id}", type="model")
-            artifact.add_dir(str(export_dir))
-            logger.experiment.log_artifact(artifact)

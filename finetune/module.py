@@ -8,6 +8,7 @@ The language model is never loaded here: a stage-1 checkpoint contributes only i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -81,6 +82,9 @@ class CTRModule(pl.LightningModule):
         init_lr_scale: the learning rate of the weights init_from initialises is lr x init_lr_scale (the fresh
             output layer and any fresh weights keep lr): below 1, stage 2 moves away from the aligned start
             more slowly. No effect without init_from.
+        proximal: pulls the weights init_from initialises back to their aligned values during stage 2 (L2-SP):
+            the loss gains proximal / 2 x their squared distance from the aligned start. 0 (default) is plain
+            fine-tuning. No effect without init_from.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class CTRModule(pl.LightningModule):
         init_from: str | None = None,
         init_keep: Literal["tower", "embeddings"] = "tower",
         init_lr_scale: PositiveFloat = 1.0,
+        proximal: NonNegativeFloat = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -100,12 +105,15 @@ class CTRModule(pl.LightningModule):
         self.model = CTRModel(backbone(self.spec))
         self.auc = nn.ModuleDict({s: BinaryAUROC() for s in EVAL_SLICES})
         self.logloss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SLICES})
+        self.anchor: dict[str, torch.Tensor] = {}  # the aligned start of the proximal term (not saved)
 
     def setup(self, stage: str) -> None:
         # Only when fitting: test/predict load a stage-2 checkpoint, and a resumed fit's checkpoint is
         # restored after this hook, so it overrides the aligned start as it should.
         if stage == "fit" and self.hparams.init_from:
             load_aligned_tower(self.hparams.init_from, self.model.tower, self.spec, self.hparams.init_keep)
+            if self.hparams.proximal:
+                self.anchor = {name: p.detach().clone() for name, p in self.aligned_parameters()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["stage"] = 2  # read by checkpoint_stage: which stage wrote a checkpoint
@@ -117,9 +125,27 @@ class CTRModule(pl.LightningModule):
         """B logits."""
         return self.model(batch)
 
+    def aligned_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The weights init_from initialises: the whole tower, or its field embeddings (init_keep)."""
+        tower = self.model.tower
+        return list((tower.embedding if self.hparams.init_keep == "embeddings" else tower).named_parameters())
+
+    def proximal_loss(self) -> torch.Tensor:
+        """proximal / 2 x the squared distance of the aligned weights from their stage-1 values."""
+        total = torch.zeros((), device=self.device)
+        for name, p in self.aligned_parameters():
+            if self.anchor[name].device != p.device:
+                self.anchor[name] = self.anchor[name].to(p.device)
+            total = total + (p - self.anchor[name]).pow(2).sum()
+        return 0.5 * self.hparams.proximal * total
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(self(batch), batch["label"])
         self.log("train/loss", loss, batch_size=len(batch["label"]))
+        if self.anchor:
+            proximal = self.proximal_loss()
+            self.log("train/proximal", proximal, batch_size=len(batch["label"]))
+            loss = loss + proximal
         return require_finite(loss, self.current_epoch, self.global_step)
 
     def cold_rows(self, batch: Batch) -> torch.Tensor:
@@ -147,9 +173,12 @@ class CTRModule(pl.LightningModule):
         if cold.any():
             self._update("test_cold", logits[cold], labels[cold])
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """B click probabilities."""
-        return torch.sigmoid(self(batch))
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per row of the batch: `row` (its index in the split), `probability` and, when the batch has it, `label`."""
+        out = {"row": batch["row"], "probability": torch.sigmoid(self(batch))}
+        if "label" in batch:
+            out["label"] = batch["label"]
+        return out
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
@@ -179,3 +208,41 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
     """Export a stage-2 checkpoint for serving (finetune/export.py)."""
     module = load_stage2(ckpt_path)
     return export_model(module.model, module.spec, module.hparams.backbone, out)
+
+
+def log_export_artifact(trainer: pl.Trainer, export_dir: Path) -> None:
+    """Attach an export directory to the trainer's W&B run as a model artifact, when it logs to W&B."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            artifact = wandb.Artifact(name=f"ctrl-model-{logger.experiment.id}", type="model")
+            artifact.add_dir(str(export_dir))
+            logger.experiment.log_artifact(artifact)
+
+
+class ExportBest(pl.Callback):
+    """At the end of a stage-2 fit, export the best checkpoint (weights, feature spec, model.pt2, model.onnx)
+    and log the export to the W&B run as a model artifact.
+
+    Args:
+        dirpath: the export directory; None puts it at `<trainer.default_root_dir>/export`.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.export_dir: Path | None = None
+        self.seconds = 0.0  # the export's wall time
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        start = time.perf_counter()
+        out = Path(self.dirpath or Path(trainer.default_root_dir) / "export")
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        module = load_stage2(best) if best else pl_module
+        self.export_dir = export_model(module.model, module.spec, module.hparams.backbone, out)
+        log_export_artifact(trainer, self.export_dir)
+        self.seconds = time.perf_counter() - start

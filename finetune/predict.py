@@ -24,11 +24,11 @@ class ParquetPredictionWriter(BasePredictionWriter):
         self.output_path = output_path
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        dataloader = trainer.predict_dataloaders
-        tensors = dataloader.dataset.tensors
-        columns = {"row": tensors["row"].numpy(), "probability": torch.cat(predictions).float().numpy()}
-        if "label" in tensors:
-            columns["label"] = tensors["label"].numpy()
+        # predictions: one dict per batch, as CTRModule.predict_step returns them
+        columns = {}
+        for key in predictions[0] if predictions else ("row", "probability"):
+            values = torch.cat([p[key] for p in predictions]) if predictions else torch.zeros(0)
+            columns[key] = (values.float() if values.is_floating_point() else values).numpy()
         path = Path(trainer.default_root_dir) / self.output_path
         with atomic_path(path) as tmp:
             pd.DataFrame(columns).to_parquet(tmp, index=False)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -137,34 +135,20 @@ class CTRDataModule(pl.LightningDataModule):
                           generator=torch.Generator(), num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
 
-    # --- resuming: every checkpoint records where training stands in the data and the RNG states ------------
+    # --- resuming: every checkpoint records where training stands in the data -------------------------------
     def state_dict(self) -> dict:
-        """Saved by Lightning in every checkpoint. With it, a fit resumed from a mid-epoch checkpoint
-        (`--ckpt_path last`) replays the uninterrupted run: same remaining batches, same dropout masks."""
+        """Saved by Lightning in every checkpoint. With it (and ctrl.lightning.RandomState for the random
+        states), a fit resumed from a mid-epoch checkpoint (`--ckpt_path last`) trains the remaining batches
+        of that epoch, as the uninterrupted run does."""
         if self.trainer is None or self.trainer.state.fn != "fit":
             return {}
         loop = self.trainer.fit_loop
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
-        if torch.cuda.is_available():  # dropout on a GPU draws from its own generator
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"epoch": loop.epoch_progress.current.processed,
-                "batches": loop.epoch_loop.batch_progress.current.ready, "rng": rng}
+                "batches": loop.epoch_loop.batch_progress.current.ready}
 
     def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        self._resume_at = (state["epoch"], state["batches"])
-        # Lightning calls a mid-epoch resume unreliable unless the DataLoader itself is stateful; this data
-        # module restores the position and the RNG states instead, so the warning does not apply.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-        torch.set_rng_state(state["rng"]["torch"])
-        kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if state:
+            self._resume_at = (state["epoch"], state["batches"])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -221,7 +221,7 @@ def test_damaged_text_vector_cache_is_rebuilt_never_used(small_run, tmp_path, mo
 def test_truncated_or_incomplete_export_is_refused_by_name(small_run, tmp_path):
     def damaged(name: str, damage: Callable[[Path], None]) -> Path:
         export = tmp_path / name
-        shutil.copytree(small_run / "out" / "export", export)
+        shutil.copytree(small_run / "out" / "finetune" / "export", export)
         damage(export)
         return export
 

@@ -61,6 +61,34 @@ def test_init_lr_scale_slows_only_the_weights_stage_1_initialised():
         (pytest.approx(0.001), sizes["embedding"]), (0.01, sizes["all"] - sizes["embedding"])]
 
 
+def test_proximal_term_is_half_its_weight_times_the_squared_distance_of_the_aligned_weights():
+    from functools import partial
+
+    from conftest import synthetic_batch, synthetic_spec
+
+    from finetune.module import CTRModule
+    from towers import DeepFM
+
+    spec = synthetic_spec()
+    module = CTRModule(spec.to_dict(), partial(DeepFM, embed_dim=4, mlp_dims=(8,), dropout=0.0), init_from="align.ckpt",
+                       init_keep="embeddings", proximal=0.5)
+    aligned = module.aligned_parameters()
+    assert {name for name, _ in aligned} == {n for n, _ in module.model.tower.embedding.named_parameters()}
+    module.anchor = {name: p.detach().clone() for name, p in aligned}
+    assert module.proximal_loss().item() == 0.0
+    module.anchor = {name: p.detach() - 2.0 for name, p in aligned}  # every aligned weight 2 away
+    numel = sum(p.numel() for _, p in aligned)
+    assert module.proximal_loss().item() == pytest.approx(0.5 * 0.5 * 4.0 * numel)
+    batch = synthetic_batch(spec, 8)
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(module(batch), batch["label"])
+    module.log = lambda *args, **kwargs: None  # outside a Trainer
+    assert module.training_step(batch, 0).item() == pytest.approx(plain.item() + 0.5 * 0.5 * 4.0 * numel, rel=1e-6)
+    module.training_step(batch, 0).backward()
+    head = dict(module.model.named_parameters())["head.weight"]
+    assert head.grad is not None  # the fresh head learns from the labels; the pull acts on the aligned weights
+    assert all(p.grad is not None for _, p in aligned)
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_stage2_base_and_overlay_fast_dev_run_per_backbone(tmp_path, cache, backbone):
     """finetune.yaml + finetune/BACKBONE.yaml: the backbone's class, its tuned values, and two real steps."""
@@ -135,7 +163,7 @@ from tabular2text.encode import frame_to_tensors
 from finetune.export import encode_rows, load_scorer
 from towers import BACKBONES
 rows = labelled_splits(read_table({str(ML100K)!r}))["test"].drop(columns=["label", "rating"])
-np.save({str(tmp_path / 'scores.npy')!r}, load_scorer({str(out / 'export')!r})(rows))
+np.save({str(tmp_path / 'scores.npy')!r}, load_scorer({str(out / 'finetune' / 'export')!r})(rows))
 assert "pytorch_lightning" not in sys.modules and "transformers" not in sys.modules, sorted(sys.modules)
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
@@ -147,11 +175,11 @@ def test_scorer_handles_unseen_missing_and_extra_columns(tmp_path, cache):
     out = tmp_path / "run"
     main(["run", "--baseline", "true", "--config_dir", str(ROOT / "configs" / "ml100k"), "--data_dir", str(ML100K),
           "--out", str(out), "--max_epochs_finetune", "1"])
-    scorer = load_scorer(out / "export")
+    scorer = load_scorer(out / "finetune" / "export")
     rows = labelled_splits(read_table(ML100K))["test"].head(4).copy()
     base = scorer(rows)
     # the torch.export program in the export gives the same scores as the rebuilt model
-    program = torch.export.load(out / "export" / "model.pt2").module()
+    program = torch.export.load(out / "finetune" / "export" / "model.pt2").module()
     tensors = frame_to_tensors(encode_rows(rows.reset_index(drop=True), scorer.spec), scorer.spec)
     np.testing.assert_allclose(torch.sigmoid(program(tensors)).detach().numpy(), base, atol=1e-6)
     rows["user_id"] = "a-user-never-seen"
@@ -180,3 +208,12 @@ def test_wandb_offline_run_holds_validation_auc(tmp_path, cache, monkeypatch):
     full = config["config"]  # the whole resolved CLI config, as `--print_config` shows it
     assert full["model"]["init_args"]["backbone"]["class_path"] == "towers.DCN"
     assert full["trainer"]["max_epochs"] == 1 and full["data"]["batch_size"] == 2048
+    # ExportBest exported the best checkpoint and logged it to the run as a model artifact
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert [(a.type, a.name) for a in artifacts] == [("model", f"ctrl-model-{run_file.stem.removeprefix('run-')}")]
+    assert (tmp_path / "export" / "model.onnx").is_file()
+
+    # a resumed fit continues the same W&B run
+    main(["fit", *fit_args(tmp_path, cache, "--trainer.max_epochs", "2", "--ckpt_path", "last")])
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs

@@ -66,7 +66,7 @@ def test_ctr_module_fast_dev_run(spec, backbone):
     assert set(results) == {"test/auc", "test/logloss"}
     assert 0 <= results["test/auc"] <= 1 and results["test/logloss"] > 0
 
-    probabilities = torch.cat(fit.predict(module, data))
+    probabilities = torch.cat([p["probability"] for p in fit.predict(module, data)])
     assert probabilities.shape == (32,)  # fast_dev_run: one batch
     assert torch.all((probabilities > 0) & (probabilities < 1))
 

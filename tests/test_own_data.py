@@ -213,4 +213,4 @@ def test_the_readme_own_data_commands_run_verbatim(tmp_path, monkeypatch, capsys
     shop = pd.read_parquet(tmp_path / "runs" / "shop" / "scores.parquet")
     assert shop.user_id.tolist() == ["U03", "U05", "U99", "U10"]
     assert shop.label.tolist()[:2] == [1, 0] and shop.label.isna().tolist()[2:] == [True, True]
-    assert (tmp_path / "runs" / "shop" / "export" / "model.onnx").is_file()
+    assert (tmp_path / "runs" / "shop" / "finetune" / "export" / "model.onnx").is_file()

@@ -34,7 +34,7 @@ def test_main_job_runs_both_stages_and_exports(small_run, capsys):
     # Stage 2 started from the aligned tower: its saved hyper-parameters name the stage-1 checkpoint.
     hparams = torch.load(finetune_ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
     assert hparams["init_from"] == str(align_ckpt)
-    model, spec = load_model(out / "export")
+    model, spec = load_model(out / "finetune" / "export")
     assert not any("language" in k or "text" in k for k in model.state_dict())  # only the CTR model ships
     assert spec.item_noun == "movie"
     # each stage has its own W&B run; the stage-2 run carries the exported model as an artifact

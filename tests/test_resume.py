@@ -56,6 +56,9 @@ def killed_fit(config: Path, data: Path) -> subprocess.CompletedProcess:
     killer_config = config.with_name(f"killed-{config.name}")
     killer_config.write_text(yaml.safe_dump(with_killer))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    # its own W&B service, as a fit started from a shell has: one inherited from this process would still hold
+    # the killed run's id when the resumed fit continues that run here
+    env.pop("WANDB_SERVICE", None)
     return subprocess.run([sys.executable, "-m", "ctrl.cli", "fit", "--config", str(killer_config),
                            "--data.data_dir", str(data)], env=env, capture_output=True, text=True, timeout=300)
 
@@ -100,6 +103,8 @@ def test_fit_killed_mid_epoch_and_resumed_from_last_equals_the_uninterrupted_fit
     fit(interrupted, data, "--ckpt_path", "last")
 
     assert_same_run(tmp_path / "straight", tmp_path / "interrupted")
+    runs = sorted((tmp_path / "interrupted" / "wandb").glob("offline-run-*"))  # the resumed fit continued the
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs  # killed one's W&B run
     if stage == "finetune":  # and the fine-tuned models score the test split identically
         metrics = []
         for run in ("straight", "interrupted"):
