@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -46,6 +45,7 @@ from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
 
 from ctrl.pipeline import finish_wandb, run
+from ctrl.report import cpu_model
 from finetune.export import Scorer, encode_rows, load_model
 from tabular2text.datamodule import CTRDataModule, TensorDictDataset, keep_batch
 from tabular2text.encode import frame_to_tensors
@@ -173,13 +173,6 @@ def metrics(probs: np.ndarray, labels: torch.Tensor) -> dict[str, float]:
 
 def parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def markdown(rows: list[dict], semantic: dict) -> str:

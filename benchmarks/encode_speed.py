@@ -20,7 +20,6 @@ Writes nothing; the table in encode_speed.md is this script's output.
 
 from __future__ import annotations
 
-import platform
 import random
 import tempfile
 import time
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from jsonargparse import auto_cli
 
+from ctrl.report import cpu_model
 from tabular2text.datamodule import CTRDataModule
 from towers.language import LanguageTower
 from towers.text_cache import FrozenEncoder
@@ -123,7 +123,7 @@ def main(data_dir: str = "data/ml-100k", n: int = 5000, seed: int = 0,
     """
     first, second = sample_pairs(data_dir, n, seed)
     wanted = set(candidates.split(",")) | {"naive"}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()};"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model()};"
           f" all-MiniLM-L6-v2, mean pooling, max_length 128; {n} ML-100K texts (seed {seed})")
     tower = LanguageTower().eval()
     example = dict(tower.tokenize(first[:4], second[:4]))

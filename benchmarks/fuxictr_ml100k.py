@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import tempfile
 import time
 from datetime import date
@@ -51,6 +50,7 @@ from fuxictr.utils import load_config, set_logger
 
 from ctrl.lightning import lightning_cli
 from ctrl.pipeline import stage_configs
+from ctrl.report import cpu_model
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.schema import PAD, FeatureSpec
 
@@ -231,13 +231,6 @@ def run_ours(name: str, data_dir: str, run_dir: Path, max_epochs: int) -> dict[s
             "load": load,
             "samples_per_s": len(cli.datamodule.frame("train")) * epochs / fit_seconds,
             "parameters": sum(p.numel() for p in cli.model.model.parameters())}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def markdown(results: dict[tuple[str, str], dict[str, float]]) -> str:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from ctrl.lightning import lightning_cli
+from ctrl.report import cpu_model
 from tabular2text.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def one(name: str, data_dir: str, out: Path) -> dict:
 
 def write_table(records: list[dict], path: Path, command: str) -> None:
     lines = ["# Choosing the stage-1 recipe on validation (DCN, seed 0, ML-100K)", "",
-             f"Produced by `{command}` on {platform.processor() or platform.machine()}, "
+             f"Produced by `{command}` on {cpu_model()}, "
              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. Decided on stage-2 validation AUC;"
              " the test columns are shown, never used to choose. One seed: differences below ~0.005 AUC are within"
              " seed noise. Stage-1 seconds are wall time while other jobs shared the two cores.", "",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 from jsonargparse import auto_cli
+
+from ctrl.report import cpu_model
 
 ENCODE_ROWS = """
 import json, sys, time
@@ -98,7 +99,7 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
     rows = {split: v["rows"] for split, v in meta["splits"].items()}
     enc = results["encode_rows"]
     rate = enc["encoded"] / enc["encode_seconds"]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; data {data_dir}:"
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; data {data_dir}:"
           f" {sum(rows.values()):,} labelled rows ({rows['train']:,} train, {rows['val']:,} val,"
           f" {rows['test']:,} test)")
     print("\n| phase | wall s | peak RSS GB | note |\n|---|---|---|---|")

@@ -1,5 +1,6 @@
 """The benchmark: per backbone and seed, the backbone from scratch ("base": stage 2 only) vs CTRL ("ctrl":
-stage 1 then stage 2), plus named ablations of CTRL; then a report (RESULTS.md and a PNG of test AUC).
+stage 1 then stage 2), plus named ablations of CTRL; then a report (RESULTS.md and a PNG of test AUC,
+written by ctrl/report.py).
 
     ctrl bench --config configs/bench/ml100k.yaml --data_dir ../shared/data/ml-100k
     ctrl bench --config configs/bench/ml100k.yaml --data_dir ../shared/data/ml-100k --variants coarse_only,fine_only
@@ -15,28 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import re
-import shlex
 import shutil
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-import pytorch_lightning as pl
-import torch
-
 from ctrl.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, stage_configs, timed, train
 from ctrl.probe import TransferProbe
+from ctrl.report import BASE, CTRL, append_record, command_line, read_records, write_report
 from finetune.guards import ConfigError
-from tabular2text.atomic import atomic_path, atomic_write_text
+from tabular2text.atomic import atomic_write_text
 
-BASE, CTRL = "base", "ctrl"
 RESULTS_FILE = "results.jsonl"
-SLICES = {"test": "all test rows", "test_cold": "cold start (test rows whose user or item is unseen in train)"}
 
 
 @dataclass
@@ -202,197 +194,3 @@ def aligned(configs: list[str], args: list[str], root: Path) -> dict:
 def variant_overrides(variant: Variant) -> dict[str, list[str]]:
     """The variant's own overrides by stage ("both", "align", "finetune"), as given in the config."""
     return {"both": variant.args, "align": variant.align_args, "finetune": variant.finetune_args}
-
-
-def read_records(path: Path) -> list[dict]:
-    """The runs in results.jsonl; a line that is not complete JSON (an interrupted write) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"bench: warning: {path}:{number} is not a complete record (interrupted write?), ignored")
-    return records
-
-
-def append_record(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # After a write cut short, start on a line of our own rather than glue this record to the fragment.
-    broken = path.is_file() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(("\n" if broken else "") + json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def command_line() -> str:
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.is_file() else []
-    return (f"{models[0] if models else platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
-            f" ({platform.machine()}), torch {torch.__version__}, Lightning {pl.__version__},"
-            f" Python {platform.python_version()}")
-
-
-# --- statistics ---------------------------------------------------------------------------------------------
-def by_seed(records: list[dict], variant: str, backbone: str, metric: str) -> dict[int, float]:
-    """seed -> metric of the runs of one variant and backbone (a rerun's later line wins)."""
-    return {r["seed"]: r["metrics"][metric] for r in records
-            if r["variant"] == variant and r["backbone"] == backbone and metric in r["metrics"]}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; NaN for fewer than two values)."""
-    array = np.asarray(values, dtype=float)
-    mean = float(array.mean()) if len(array) else float("nan")
-    return mean, float(array.std(ddof=1)) if len(array) > 1 else float("nan")
-
-
-def rela_impr(auc: float, base_auc: float) -> float:
-    """RelaImpr in percent: ((AUC - 0.5) / (AUC_base - 0.5) - 1) x 100; NaN when the base is no better than
-    chance (AUC <= 0.5), where the ratio's sign flips and the number means nothing."""
-    return ((auc - 0.5) / (base_auc - 0.5) - 1) * 100 if base_auc > 0.5 else float("nan")
-
-
-def gain_text(auc: float, base_auc: float) -> str:
-    """RelaImpr, or the plain AUC difference, marked, when RelaImpr is undefined."""
-    gain = rela_impr(auc, base_auc)
-    return f"ΔAUC {auc - base_auc:+.4f} (base AUC <= 0.5: RelaImpr undefined)" if np.isnan(gain) else f"{gain:+.2f}%"
-
-
-def compare(records: list[dict], backbone: str, metric: str) -> dict[str, float] | None:
-    """CTRL vs base on the seeds both have: means, stds and the paired t-test p-value (one-sided, alternative:
-    CTRL's metric is greater), or None without a shared seed."""
-    from scipy.stats import ttest_rel  # the `bench` extra, like matplotlib
-
-    base, ctrl = by_seed(records, BASE, backbone, metric), by_seed(records, CTRL, backbone, metric)
-    shared = sorted(set(base) & set(ctrl))
-    if not shared:
-        return None
-    b, c = [base[s] for s in shared], [ctrl[s] for s in shared]
-    (b_mean, b_std), (c_mean, c_std) = mean_std(b), mean_std(c)
-    p = float(ttest_rel(c, b, alternative="greater").pvalue) if len(shared) > 1 else float("nan")
-    return {"seeds": len(shared), "base": b_mean, "base_std": b_std, "ctrl": c_mean, "ctrl_std": c_std, "p": p}
-
-
-# --- report -------------------------------------------------------------------------------------------------
-def pm(mean: float, std: float) -> str:
-    return f"{mean:.4f}" if np.isnan(std) else f"{mean:.4f} ± {std:.4f}"
-
-
-def p_text(p: float) -> str:
-    return "n/a" if np.isnan(p) else f"{p:.3g}"
-
-
-def comparison_table(records: list[dict], backbones: list[str], slice_: str) -> list[str]:
-    lines = ["| backbone | seeds | base AUC | CTRL AUC | RelaImpr | p (paired t, one-sided: CTRL > base)"
-             " | base logloss | CTRL logloss |", "|---|---|---|---|---|---|---|---|"]
-    for backbone in backbones:
-        auc, logloss = (compare(records, backbone, f"{slice_}/{m}") for m in ("auc", "logloss"))
-        if auc is None:
-            continue
-        base_loss, ctrl_loss = (pm(logloss[v], logloss[f"{v}_std"]) for v in (BASE, CTRL)) if logloss else ("n/a",) * 2
-        lines.append(f"| {backbone} | {auc['seeds']} | {pm(auc['base'], auc['base_std'])}"
-                     f" | {pm(auc['ctrl'], auc['ctrl_std'])} | {gain_text(auc['ctrl'], auc['base'])}"
-                     f" | {p_text(auc['p'])} | {base_loss} | {ctrl_loss} |")
-    return lines if len(lines) > 2 else ["No backbone has runs of both variants with this slice."]
-
-
-def variants_table(records: list[dict], backbones: list[str]) -> list[str]:
-    """Every variant per backbone; the best by validation AUC (paired with ctrl on shared seeds) in bold."""
-    lines = ["| backbone | variant | seeds | val AUC | val AUC - ctrl's (same seeds) | test AUC | overrides |",
-             "|---|---|---|---|---|---|---|"]
-    for backbone in backbones:
-        names = list(dict.fromkeys(r["variant"] for r in records if r["backbone"] == backbone))
-        ctrl_val = by_seed(records, CTRL, backbone, "val/auc")
-        rows = []
-        for name in names:
-            val, test = by_seed(records, name, backbone, "val/auc"), by_seed(records, name, backbone, "test/auc")
-            shared = sorted(set(val) & set(ctrl_val))
-            delta = float(np.mean([val[s] - ctrl_val[s] for s in shared])) if shared else float("nan")
-            run = next(r for r in records if r["variant"] == name and r["backbone"] == backbone)
-            overrides = "; ".join(f"{stage}: {shlex.join(a)}" for stage, a in run["overrides"].items() if a)
-            rows.append([name, len(val), pm(*mean_std(list(val.values()))), delta, pm(*mean_std(list(test.values()))),
-                         f"`{overrides}`" if overrides else "defaults"])
-        deltas = [row[3] for row in rows if not np.isnan(row[3])]
-        for name, n, val, delta, test, overrides in rows:
-            best = bool(deltas) and delta == max(deltas)
-            shown = "n/a" if np.isnan(delta) else f"{delta:+.4f}"
-            lines.append(f"| {backbone} | {f'**{name}**' if best else name} | {n} | {val} | {shown} | {test}"
-                         f" | {overrides} |")
-    return lines
-
-
-def phases_table(records: list[dict]) -> list[str]:
-    """Mean seconds per phase and variant, over the runs that have the phase ("-": the variant has none)."""
-    phases = list(dict.fromkeys(p for r in sorted(records, key=lambda r: -len(r["phases"])) for p in r["phases"]))
-    lines = [f"| variant | runs | {' | '.join(phases)} | total |", "|---" * (len(phases) + 3) + "|"]
-    for name in dict.fromkeys(r["variant"] for r in records):
-        runs = [r for r in records if r["variant"] == name]
-        cells, total = [], 0.0
-        for phase in phases:
-            seconds = [r["phases"][phase] for r in runs if phase in r["phases"]]
-            total += float(np.mean(seconds)) if seconds else 0.0
-            cells.append(f"{np.mean(seconds):.1f}" if seconds else "-")
-        lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} | {total:.1f} |")
-    return lines
-
-
-def write_plot(records: list[dict], backbones: list[str], path: Path) -> None:
-    """Test AUC, mean with std error bars over the shared seeds, base vs CTRL per backbone."""
-    from matplotlib.figure import Figure  # renders with Agg; no pyplot, no display
-
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    stats = {b: compare(records, b, "test/auc") for b in backbones}  # as in the table: the shared seeds
-    shown = [b for b in backbones if stats[b]]
-    for offset, key, label in ((-0.1, "base", "from scratch"), (0.1, "ctrl", "CTRL")):
-        ax.errorbar(np.arange(len(shown)) + offset, [stats[b][key] for b in shown],
-                    yerr=[np.nan_to_num(stats[b][f"{key}_std"]) for b in shown], fmt="o", capsize=4, label=label)
-    ax.set_xticks(np.arange(len(shown)), shown)
-    ax.set_xlim(-0.5, len(shown) - 0.5)
-    ax.set_ylabel("test AUC (mean ± std over seeds)")
-    ax.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-
-
-def write_report(records: list[dict], backbones: list[str], report: Path, plot: Path, include: list[Path],
-                 results: Path) -> None:
-    """RESULTS.md and the PNG from the recorded runs."""
-    shown = [b for b in backbones if any(r["backbone"] == b for r in records)]
-    write_plot(records, shown, plot)
-    plot_link = os.path.relpath(plot.resolve(), report.resolve().parent)
-    commands = list(dict.fromkeys(r["command"] for r in records))
-    text = [
-        "# Benchmark: CTRL vs the same backbone trained from scratch",
-        "",
-        f"Written by `{command_line()}` from `{results}` ({len(records)} runs) on {datetime.now():%Y-%m-%d}.",
-        f"Machine: {machine()}.",
-        "",
-        "Per backbone, over the seeds both variants ran: mean ± sample std (ddof 1) of the best-on-validation"
-        " checkpoint's test metrics; RelaImpr = ((AUC_CTRL - 0.5) / (AUC_base - 0.5) - 1) x 100 of the means;"
-        " p from scipy.stats.ttest_rel on the per-seed AUCs paired by seed, one-sided (alternative: CTRL > base).",
-        "",
-    ]
-    for slice_, title in SLICES.items():
-        text += [f"## Test AUC and logloss: {title}", "", *comparison_table(records, shown, slice_), ""]
-    text += [f"![test AUC, base vs CTRL]({plot_link})", "",
-             "## Variants (ablations), decided on validation AUC", "",
-             "Best-checkpoint validation AUC per variant; the column after it is the mean per-seed difference to"
-             " `ctrl` on the seeds both ran, and the variant with the largest one is in bold. Test AUC is shown"
-             " for information only and picks nothing.", "",
-             *variants_table(records, shown), "",
-             "## Wall time per phase (seconds, mean over runs)", "", *phases_table(records), "",
-             "## Commands that trained the runs", "", *[f"    {c}" for c in commands], ""]
-    for path in include:
-        if path.is_file():
-            text += [f"<!-- included verbatim from {path} -->", "", path.read_text().rstrip("\n"), ""]
-    atomic_write_text(report, "\n".join(text))
-    print(f"bench: wrote {report} and {plot}")

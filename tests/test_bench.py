@@ -15,9 +15,10 @@ from scipy.stats import ttest_rel
 
 import ctrl.bench
 import ctrl.pipeline
-from ctrl.bench import append_record, read_records
+import ctrl.report
 from ctrl.cli import main
 from ctrl.pipeline import train
+from ctrl.report import append_record, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1]
@@ -139,7 +140,7 @@ def test_report_decides_on_validation_and_covers_the_cold_start_slice(tmp_path):
             records.append({"variant": variant, "backbone": "dcn", "seed": seed, "metrics": metrics,
                             "phases": {"stage 2": 1.0}, "overrides": {"both": [], "align": [], "finetune": []},
                             "command": "ctrl bench"})
-    ctrl.bench.write_report(records, ["dcn"], tmp_path / "RESULTS.md", tmp_path / "auc.png", [],
+    ctrl.report.write_report(records, ["dcn"], tmp_path / "RESULTS.md", tmp_path / "auc.png", [],
                             tmp_path / "results.jsonl")
     report = (tmp_path / "RESULTS.md").read_text()
     assert_comparison_row(report, "cold start", records, "test_cold")
@@ -230,11 +231,11 @@ def test_every_ablation_of_the_shipped_config_names_options_of_its_stages(capsys
 
 
 def test_relaimpr_is_undefined_below_chance_and_the_auc_difference_is_reported_instead():
-    assert ctrl.bench.rela_impr(0.78, 0.75) == pytest.approx(12.0)
+    assert ctrl.report.rela_impr(0.78, 0.75) == pytest.approx(12.0)
     # a base below chance flips the ratio's sign: CTRL better by .03 AUC would read as a loss
-    assert np.isnan(ctrl.bench.rela_impr(0.48, 0.45))
-    assert ctrl.bench.gain_text(0.48, 0.45) == "ΔAUC +0.0300 (base AUC <= 0.5: RelaImpr undefined)"
-    assert ctrl.bench.gain_text(0.78, 0.75) == "+12.00%"
+    assert np.isnan(ctrl.report.rela_impr(0.48, 0.45))
+    assert ctrl.report.gain_text(0.48, 0.45) == "ΔAUC +0.0300 (base AUC <= 0.5: RelaImpr undefined)"
+    assert ctrl.report.gain_text(0.78, 0.75) == "+12.00%"
 
 
 def test_a_variant_that_changes_only_stage_2_reuses_the_stage_1_run(bench_run, monkeypatch):
