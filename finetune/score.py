@@ -32,7 +32,7 @@ def read_rows(path: str | Path) -> pd.DataFrame:
     if path.suffix != ".csv":
         raise DataError(f"{path}: rows must be a .csv or .parquet file")
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=True)
+        return pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: malformed CSV ({e})") from e
 

@@ -114,7 +114,7 @@ def read_lines(path: Path, sep: str, ncols: int) -> list[list[str]]:
         raise DataError(f"missing file: {path}")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first column
     except UnicodeDecodeError:
         text = raw.decode("latin-1")  # MovieLens ships latin-1 movie titles in some releases
     rows = []
@@ -192,7 +192,7 @@ def read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     token_seq and float_seq values are space-separated; an empty value is missing."""
     if not path.is_file():
         raise DataError(f"missing file: {path}")
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         header = fh.readline().rstrip("\n").split("\t")
     columns, types = [], {}
     for h in header:
@@ -233,7 +233,7 @@ def is_movielens_atomic(directory: Path) -> bool:
     _, user, item = atomic_files(directory)
     if user is None or item is None:
         return False
-    with item.open(encoding="utf-8") as fh:
+    with item.open(encoding="utf-8-sig") as fh:
         header = {h.partition(":")[0] for h in fh.readline().rstrip("\n").split("\t")}
     return {"movie_title", "class"} <= header
 
@@ -405,9 +405,9 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
         frame = pd.read_parquet(data_path)
     else:
         try:
-            frame = pd.read_csv(data_path, dtype=str, keep_default_na=True)
-        except pd.errors.ParserError as e:
-            raise DataError(f"{data_path}: malformed CSV ({e})") from e
+            frame = pd.read_csv(data_path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise DataError(f"{data_path}: malformed CSV ({e}); save it as UTF-8 with a header line") from e
 
     label = schema["label"]
     label = LabelRule(label) if isinstance(label, str) else LabelRule(**label)
@@ -496,4 +496,8 @@ READERS = {"ml-100k": read_movielens_100k, "ml-1m": read_movielens_1m, "recbole"
 
 
 def read_table(path: Path, history_length: int = 10) -> Table:
-    return READERS[detect_format(path)](Path(path), history_length)
+    table = READERS[detect_format(path)](Path(path), history_length)
+    for f in table.fields:  # an interaction whose user or item has no line in its table: no values, not NaN
+        if f.kind == "multi_valued":
+            table.frame[f.name] = table.frame[f.name].map(lambda v: v if isinstance(v, list) else [])
+    return table

@@ -82,6 +82,18 @@ def test_an_amazon_style_recbole_set_maps_header_types_to_kinds(tmp_path):
     assert rows.item_text[1] == "This is an item, title is Desk Lamp, categories is Home, brand is Globex."
 
 
+def test_a_byte_order_mark_and_an_item_without_a_line_in_the_item_table(tmp_path):
+    """Files saved with a UTF-8 BOM read as without one; an interaction whose item has no .item line keeps
+    its row, with that item's features missing (no values, not a crash)."""
+    data = write_shop(tmp_path / "shop", inter=SHOP_INTER.replace("U2\tB02\t5\t8", "U2\tB99\t5\t8"))
+    for path in data.iterdir():
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    dm = CTRDataModule(str(data), cache_dir=str(tmp_path / "cache"))
+    assert dm.feature_spec.names[0] == "user_id"
+    rows = pd.concat([dm.frame(s) for s in ("train", "val", "test")], ignore_index=True)
+    assert len(rows) == 11 and "This is an item." in rows.item_text.tolist()
+
+
 def test_a_schema_yaml_overrides_label_text_and_columns_of_a_recbole_set(tmp_path):
     lines = SHOP_ITEM.splitlines()
     item = "\n".join([lines[0] + "\temb:float_seq", *(line + "\t0.1 0.2" for line in lines[1:])]) + "\n"
