@@ -4,7 +4,7 @@ lazy import that hides a loop)."""
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # the flow: table side -> towers -> stage 2 (fine-tuning, export, the guards both stages share) -> stage 1
 # and the application on top
 ORDER = ["tabular2text", "towers", "finetune", "ctrl"]

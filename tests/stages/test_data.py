@@ -7,14 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import ML100K, write_generic, write_ml1m
 
 from ctrl.cli import main
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.download import ensure_movielens_100k
 from tabular2text.prepare import prepare
 from tabular2text.schema import OOV, FeatureSpec
-
-ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
 
 @pytest.fixture(scope="session")
@@ -166,18 +165,6 @@ def test_item_catalog_names_every_known_item_once(ml100k, cache):
 
 
 # --- ML-1M layout and generic data -------------------------------------------------------------------------
-def write_ml1m(directory: Path, encoding: str) -> None:
-    directory.mkdir()
-    users = ["1::F::1::10::48067", "2::M::56::16::70072", "3::M::25::15::55117"]
-    movies = ["1::Toy Story (1995)::Animation|Children's|Comedy", "2::Jumanji (1995)::Adventure|Children's",
-              "3::Cité des enfants perdus, La (1995)::Sci-Fi", "4::Heat (1995)::Action|Crime|Thriller"]
-    ratings = [f"{u}::{i}::{(u + i) % 5 + 1}::{978300000 + 10 * k}"
-               for k, (u, i) in enumerate((u, i) for i in range(1, 5) for u in range(1, 4))]
-    ratings += [f"{u}::{i}::{(u * i) % 5 + 1}::{978400000 + 10 * k}"
-                for k, (u, i) in enumerate((u, i) for u in range(1, 4) for i in range(1, 5))]
-    (directory / "users.dat").write_text("\n".join(users) + "\n", encoding="ascii")
-    (directory / "movies.dat").write_bytes(("\n".join(movies) + "\n").encode(encoding))
-    (directory / "ratings.dat").write_text("\n".join(ratings) + "\n", encoding="ascii")
 
 
 @pytest.mark.parametrize("encoding", ["latin-1", "utf-8"])
@@ -190,44 +177,6 @@ def test_ml1m_layout_through_the_same_pipeline(tmp_path, encoding):
     assert "age is 56+" in texts and "occupation is self-employed" in texts
     assert sum(len(dm.frame(s)) for s in ("train", "val", "test")) > 0
     assert next(iter(dm.val_dataloader()))["history"].shape[1] == 10
-
-
-GENERIC_CSV = """user,gender,item,title,tags,price,click,ts
-u1,F,i1,Red Shoes,shoes|red,30,1,5
-u2,M,i2,Blue Hat,hat,12.5,0,1
-u1,F,i2,Blue Hat,hat,12.5,1,2
-u3,,i3,Green Bag,bag|green,,0,3
-u2,M,i1,Red Shoes,shoes|red,30,1,4
-u3,F,i1,Red Shoes,shoes|red,30,0,6
-u1,F,i3,Green Bag,bag|green,20,1,7
-u2,M,i3,Green Bag,bag|green,20,0,8
-u3,F,i2,Blue Hat,hat,12.5,1,9
-u1,F,i4,Gold Ring,jewel,99,1,10
-"""
-GENERIC_SCHEMA = """
-data: clicks.csv
-item_noun: product
-history_action: bought
-label: click
-timestamp: ts
-user: user
-item: item
-history: {text_field: title}
-fields:
-  - {name: user, kind: categorical, side: user}
-  - {name: gender, kind: categorical, side: user, text: gender, values: {F: female, M: male}}
-  - {name: item, kind: categorical, side: item}
-  - {name: title, kind: categorical, side: item, text: title}
-  - {name: tags, kind: multi_valued, side: item, text: tags}
-  - {name: price, kind: numeric, side: item, text: price}
-"""
-
-
-def write_generic(directory: Path, csv: str = GENERIC_CSV, schema: str = GENERIC_SCHEMA) -> Path:
-    directory.mkdir(exist_ok=True)
-    (directory / "clicks.csv").write_text(csv)
-    (directory / "schema.yaml").write_text(schema)
-    return directory / "schema.yaml"
 
 
 def test_generic_csv_and_yaml_through_the_same_pipeline(tmp_path):
@@ -278,7 +227,7 @@ def test_preparation_and_the_scorer_key_every_dtype_the_same_way(tmp_path):
 
 
 def test_the_example_schema_runs_as_written_and_an_undeclared_id_field_is_one_line(tmp_path, capsys):
-    example = Path(__file__).resolve().parents[1] / "configs" / "generic" / "schema.yaml"
+    example = Path(__file__).resolve().parents[2] / "configs" / "generic" / "schema.yaml"
     main(["prepare", "--data_dir", str(example), "--cache_dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     assert "train        48" in out and "This is a user, gender is" in out and "This is a product, title is" in out

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import synthetic_batch
+from helpers import synthetic_batch
 
 from tabular2text.schema import FeatureSpec
 from towers import BACKBONES, DIN, CTRModel, FieldEmbedding

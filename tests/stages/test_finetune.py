@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import wandb_records
+from helpers import ML100K, ROOT, wandb_records
 
 from ctrl.cli import main
 from finetune.export import encode_rows, load_scorer
@@ -18,8 +18,6 @@ from tabular2text.prepare import labelled_splits
 from tabular2text.sources import read_table
 from towers import BACKBONES
 
-ROOT = Path(__file__).resolve().parents[1]
-ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
 CONFIG = ROOT / "configs" / "ml100k" / "finetune.yaml"  # DCN
 
 
@@ -36,7 +34,7 @@ def cache(tmp_path_factory) -> Path:
 def test_init_lr_scale_slows_only_the_weights_stage_1_initialised():
     from functools import partial
 
-    from conftest import synthetic_spec
+    from helpers import synthetic_spec
 
     from finetune.module import CTRModule
     from towers import DeepFM
@@ -64,7 +62,7 @@ def test_init_lr_scale_slows_only_the_weights_stage_1_initialised():
 def test_proximal_term_is_half_its_weight_times_the_squared_distance_of_the_aligned_weights():
     from functools import partial
 
-    from conftest import synthetic_batch, synthetic_spec
+    from helpers import synthetic_batch, synthetic_spec
 
     from finetune.module import CTRModule
     from towers import DeepFM

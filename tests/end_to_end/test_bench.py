@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import small_config_dir, write_small_ml1m
+from helpers import small_config_dir, write_small_ml1m
 from scipy.stats import ttest_rel
 
 import ctrl.bench
@@ -20,7 +20,7 @@ from ctrl.cli import main
 from ctrl.pipeline import train
 from ctrl.report import append_record, read_records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [0, 1]
 
 

@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from conftest import CONFIGS, small_config, write_small_ml1m
+from helpers import CONFIGS, small_config, write_small_ml1m
 
 from ctrl.cli import main
 from ctrl.lightning import lightning_cli
@@ -55,7 +55,8 @@ def killed_fit(config: Path, data: Path) -> subprocess.CompletedProcess:
                                                 "init_args": {"step": KILL_AT_STEP}})
     killer_config = config.with_name(f"killed-{config.name}")
     killer_config.write_text(yaml.safe_dump(with_killer))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    tests = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # test_resume.KillAtStep, helpers
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*tests, os.environ.get("PYTHONPATH", "")])}
     # its own W&B service, as a fit started from a shell has: one inherited from this process would still hold
     # the killed run's id when the resumed fit continues that run here
     env.pop("WANDB_SERVICE", None)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import synthetic_batch, synthetic_spec
+from helpers import synthetic_batch, synthetic_spec
 from torch.utils.data import DataLoader
 
 from ctrl.module import AlignmentModule
@@ -309,7 +309,7 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(bert_dir, tmp_p
 
 @pytest.fixture(scope="module")
 def small_ml1m(tmp_path_factory):
-    from conftest import write_small_ml1m
+    from helpers import write_small_ml1m
 
     return write_small_ml1m(tmp_path_factory.mktemp("data") / "ml-1m")
 
@@ -317,7 +317,7 @@ def small_ml1m(tmp_path_factory):
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_stage1_base_and_overlay_fast_dev_run_per_backbone(bert_dir, tmp_path, small_ml1m, backbone):
     """align.yaml + align/BACKBONE.yaml: the backbone's class, the shipped stage-1 recipe, two real steps."""
-    from conftest import CONFIGS
+    from helpers import CONFIGS
 
     from ctrl.lightning import lightning_cli
 

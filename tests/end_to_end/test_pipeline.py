@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import small_config, wandb_records, write_small_ml1m  # noqa: F401 (shared)
+from helpers import small_config, wandb_records, write_small_ml1m  # noqa: F401 (shared)
 
 from ctrl.cli import main
 from finetune.export import load_model
 from finetune.guards import CheckpointError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs" / "ml100k").glob("*.yaml"))
 
 

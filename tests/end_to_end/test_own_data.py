@@ -19,7 +19,7 @@ from tabular2text.sources import DataError, read_recbole, read_table
 from towers import BACKBONES
 from towers.collaborative import CTRModel, backbone_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
 
 SHOP_ITEM = """item_id:token\ttitle:token\tcategories:token_seq\tprice:float\tbrand:token

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONFIGS, write_small_ml1m
-from test_data import GENERIC_CSV, GENERIC_SCHEMA, ML100K, write_generic
+from helpers import CONFIGS, GENERIC_CSV, GENERIC_SCHEMA, ML100K, write_generic, write_small_ml1m
 
 from ctrl.cli import main
 from finetune.export import load_scorer

@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import synthetic_batch
+from helpers import synthetic_batch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader
