@@ -20,9 +20,9 @@ from pytorch_lightning.cli import LightningCLI
 from torchmetrics.functional.classification import binary_auroc
 
 from ctrl.lightning import lightning_cli
-from finetune.export import export_model, load_scorer
+from finetune.export import load_scorer
 from finetune.guards import ConfigError
-from finetune.module import ExportBest, log_export_artifact
+from finetune.module import ExportBest
 from tabular2text.prepare import labelled_splits
 from tabular2text.sources import read_table
 
@@ -141,15 +141,13 @@ def run(*, backbone: str = "dcn", config_dir: str = "configs/ml100k", baseline: 
     with timed(phases, "test"):
         (metrics,) = stage2.trainer.test(stage2.model, datamodule=stage2.datamodule, ckpt_path="best")
     exporter = next((c for c in stage2.trainer.callbacks if isinstance(c, ExportBest)), None)
-    export_dir = exporter.export_dir if exporter else None
-    if export_dir:  # exported at the end of stage 2's fit
+    if exporter:  # it exported at the end of stage 2's fit: its time is not stage 2's
         phases[STAGE2_PHASE] -= exporter.seconds
-        phases["export"] = exporter.seconds
-    else:  # a stage-2 config without the ExportBest callback
-        with timed(phases, "export"):
-            export_dir = export_model(stage2.model.model, stage2.datamodule.feature_spec,
-                                      stage2.model.hparams.backbone, out_dir / "finetune" / "export")
-        log_export_artifact(stage2.trainer, export_dir)
+    else:  # a stage-2 config without the callback: the same export now
+        exporter = ExportBest()
+        exporter.on_fit_end(stage2.trainer, stage2.model)
+    phases["export"] = exporter.seconds
+    export_dir = exporter.export_dir
     with timed(phases, "score export"):
         # A fresh load of the export scores the raw test rows, as a serving system would.
         test_rows = labelled_splits(read_table(Path(stage2.datamodule.hparams.data_dir)))["test"]

@@ -139,8 +139,9 @@ def encode_rows(rows: pd.DataFrame, spec: FeatureSpec, where: str = "rows") -> p
                                 " model takes one value; pass a single value")
             values = values.astype(object).map(vocab_key)
         else:
-            numbers = pd.to_numeric(values.map(lambda v: None if vocab_key(v) is None else v), errors="coerce")
-            bad = numbers.isna() & values.map(vocab_key).notna()
+            present = values.astype(object).map(vocab_key).notna()  # missing: None, NaN, NA, "", "nan"
+            numbers = pd.to_numeric(values.where(present), errors="coerce")
+            bad = numbers.isna() & present
             if bad.any():
                 i = first_bad(bad)
                 raise DataError(f"{where}: row {i + 1}, column {f.name!r}: {values.iloc[i]!r} is not a number; fix it"

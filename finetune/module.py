@@ -184,8 +184,7 @@ class CTRModule(pl.LightningModule):
         hp = self.hparams
         if not hp.init_from or hp.init_lr_scale == 1.0:
             return torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        tower = self.model.tower
-        aligned = {id(p) for p in (tower.embedding if hp.init_keep == "embeddings" else tower).parameters()}
+        aligned = {id(p) for _, p in self.aligned_parameters()}
         groups = [{"params": [p for p in self.parameters() if id(p) in aligned], "lr": hp.lr * hp.init_lr_scale},
                   {"params": [p for p in self.parameters() if id(p) not in aligned], "lr": hp.lr}]
         return torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)

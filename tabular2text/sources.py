@@ -261,6 +261,30 @@ def read_recbole_movielens(directory: Path, history_length: int = 10) -> Table:
 TITLE_COLUMNS = ("title", "movie_title", "name", "item_name", "product_name")
 
 
+def label_rule(value: object, where: Path) -> LabelRule:
+    """A schema's `label:`: a column name, or {column, positive_above, negative_below}."""
+    if isinstance(value, str):
+        return LabelRule(value)
+    try:
+        rule = LabelRule(**value)
+        for threshold in (rule.positive_above, rule.negative_below):
+            if threshold is not None and not isinstance(threshold, int | float):
+                raise TypeError(f"threshold {threshold!r} is not a number")
+        return rule
+    except TypeError as e:
+        raise DataError(f"{where}: `label: {value}` is neither a column name nor {{column: NAME, positive_above:"
+                        f" NUMBER, negative_below: NUMBER}} ({e})") from e
+
+
+def with_history(fields: list[Field], user: str, item: str, length: int, text_field: str | None
+                 ) -> tuple[list[Field], HistoryRule]:
+    """`fields` with the behavior sequence closing the user side (before the item fields), and its rule."""
+    history = Field("history", "sequence", "user", text_name="history", max_len=length, shares_embedding=item,
+                    text_field=text_field)
+    at = sum(f.side != "item" for f in fields)
+    return [*fields[:at], history, *fields[at:]], HistoryRule(user, item, length)
+
+
 def read_recbole(directory: Path, history_length: int = 10, schema: dict | None = None,
                  schema_path: Path | None = None) -> Table:
     """Any RecBole atomic data set: <name>.inter plus optional <name>.user and <name>.item.
@@ -319,7 +343,7 @@ def read_recbole(directory: Path, history_length: int = 10, schema: dict | None 
         else:
             raise DataError(f"{inter_path}:1: no `label` or `rating` column; set `label:` in a schema YAML whose"
                             " `data:` is this directory")
-    label = LabelRule(label) if isinstance(label, str) else LabelRule(**label)
+    label = label_rule(label, where)
     timestamp = schema.get("timestamp", "timestamp" if "timestamp" in frame.columns else None)
     for column in (label.column, timestamp):
         if column and column not in frame.columns:
@@ -359,10 +383,7 @@ def read_recbole(directory: Path, history_length: int = 10, schema: dict | None 
         text_field = (history or {}).get("text_field") or next((c for c in TITLE_COLUMNS if c in item_fields), None)
         if text_field not in item_fields | {None}:
             raise DataError(f"{where}: `history: {{text_field: {text_field}}}` names no item-side categorical field")
-        history = HistoryRule(user, item, history_length)
-        fields.insert(sum(f.side != "item" for f in fields), Field(
-            "history", "sequence", "user", text_name="history", max_len=history_length,
-            shares_embedding=item, text_field=text_field))
+        fields, history = with_history(fields, user, item, history_length, text_field)
     else:
         history = None
     sources = tuple(p for p in (schema_path, inter_path, user_path, item_path) if p is not None)
@@ -409,15 +430,13 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
             raise DataError(f"{data_path}: malformed CSV ({e}); save it as UTF-8 with a header line") from e
 
-    label = schema["label"]
-    label = LabelRule(label) if isinstance(label, str) else LabelRule(**label)
+    label = label_rule(schema["label"], schema_path)
     user, item = schema.get("user"), schema.get("item")
     history, text_field = schema.get("history"), None
     if history is not None:
         if not (user and item):
             raise DataError(f"{schema_path}: `history` needs the top-level keys `user` and `item` (id columns)")
         text_field = history.get("text_field")
-        history = HistoryRule(user, item, history_length)
     fields = []
     for i, spec in enumerate(schema["fields"]):
         where = f"{schema_path}: fields[{i}]"
@@ -445,9 +464,7 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
         raise DataError(f"{schema_path}: `history: {{text_field: {text_field}}}` names no field; declare it under"
                         f" `fields` (the item-side column whose value names a history item in text)")
     if history is not None:
-        fields.insert(sum(f.side != "item" for f in fields), Field(
-            "history", "sequence", "user", text_name="history", max_len=history.length,
-            shares_embedding=history.item, text_field=text_field))
+        fields, history = with_history(fields, user, item, history_length, text_field)
 
     needed = [f.name for f in fields if f.kind != "sequence"] + [label.column] + [c for c in (user, item) if c]
     needed += [schema["timestamp"]] if schema.get("timestamp") else []

