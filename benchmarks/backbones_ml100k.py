@@ -1,6 +1,6 @@
 """Train every registered backbone from scratch on MovieLens-100K; print and save a markdown table.
 
-    python benchmarks/backbones_ml100k.py [--data-dir /work/shared/data/ml-100k] [--max-epochs 20]
+    python benchmarks/backbones_ml100k.py [--data_dir ../shared/data/ml-100k] [--max_epochs 20]
 
 Each backbone: paper defaults (embed 32, MLP 256-128-64, BatchNorm, dropout), Adam lr 1e-3, batch 2048,
 seed 0, early stopping on val/auc (patience 2); the best checkpoint (by val/auc) is tested. The split is
@@ -9,13 +9,14 @@ the data module's 8:1:1 by time. Seconds per epoch include the validation pass.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse import auto_cli
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
 
 from finetune.module import CTRModule
@@ -62,12 +63,16 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="/work/shared/data/ml-100k")
-    parser.add_argument("--max-epochs", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".md"))
-    args = parser.parse_args()
+def main(data_dir: str = "../shared/data/ml-100k", max_epochs: int = 20,
+         out: str = str(Path(__file__).with_suffix(".md"))) -> None:
+    """Train every registered backbone from scratch and write the markdown table.
+
+    Args:
+        data_dir: the MovieLens-100K folder.
+        max_epochs: epochs at most (early stopping on val/auc, patience 2).
+        out: the markdown file to write.
+    """
+    args = SimpleNamespace(data_dir=data_dir, max_epochs=max_epochs, out=Path(out))
 
     datamodule = CTRDataModule(data_dir=args.data_dir, batch_size=2048)
     with tempfile.TemporaryDirectory() as checkpoint_dir:
@@ -88,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    auto_cli(main)

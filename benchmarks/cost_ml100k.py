@@ -1,10 +1,10 @@
 """Inference cost on the MovieLens-100K test split: CTRL's exported model vs the plain backbone vs a language model.
 
-    python benchmarks/cost_ml100k.py [--data-dir ../shared/data/ml-100k] [--ctrl-export runs/main/export ...]
+    python benchmarks/cost_ml100k.py [--data_dir ../shared/data/ml-100k] [--ctrl_export '[runs/main/export,...]']
 
 (a) The four paper backbones (wide_deep, deepfm, dcn, autoint, as configured in configs/ml100k/finetune.yaml
     + finetune/BACKBONE.yaml) are trained from scratch (stage 2 only, early stopping on val AUC, as
-    `ctrl run --baseline true` does) and exported with `finetune.export.export_model`. Each `--ctrl-export`
+    `ctrl run --baseline true` does) and exported with `finetune.export.export_model`. Each `--ctrl_export`
     directory (written by `ctrl run --backbone ...`) joins them as "CTRL (backbone)". Every
     export is timed on the whole test split at batch 4096 on two paths:
       torch:  `load_model(dir)` under `torch.inference_mode`, rows already encoded to tensors;
@@ -17,12 +17,11 @@
     (lr 1e-3, batch 2048, early stopping on val AUC, patience 2). The train/val/test vectors come from
     the text cache under the keys stage 1 uses (fp32). Its test AUC is over all test rows; its end-to-end
     rate (render the raw rows to text, tokenize, encode with MiniLM, head) is timed on a seeded sample of
-    `--semantic-rows` test rows, in the same interleaved loop.
+    `--semantic_rows` test rows, in the same interleaved loop.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -31,12 +30,14 @@ import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from jsonargparse import auto_cli
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
@@ -51,10 +52,11 @@ from tabular2text.datamodule import CTRDataModule, TensorDictDataset, keep_batch
 from tabular2text.encode import frame_to_tensors
 from tabular2text.prepare import default_cache_dir, labelled_splits, render_texts
 from tabular2text.sources import read_table
+from tabular2text.text_vectors import TextVectorCache
 from towers.collaborative import CTRModel
+from towers.encoder import FrozenEncoder
 from towers.language import LanguageTower
 from towers.mlp import MLP
-from towers.text_cache import FrozenEncoder, TextVectorCache
 
 SEED = 0
 BACKBONES = ("wide_deep", "deepfm", "dcn", "autoint")
@@ -188,21 +190,28 @@ def markdown(rows: list[dict], semantic: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="../shared/data/ml-100k")
-    parser.add_argument("--ctrl-export", nargs="*", default=[], type=Path,
-                        help="export directories of CTRL runs (ctrl run --align ... --finetune ...)")
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--semantic-rows", type=int, default=1000, help="test rows timed end to end for (b)")
-    parser.add_argument("--max-epochs", type=int, default=None, help="stage-2 epochs cap (default: the configs')")
-    parser.add_argument("--text-cache-dir", default=str(default_cache_dir() / "text-vectors"))
-    parser.add_argument("--run-dir", type=Path, default=None, help="runs and exports (default: a temporary dir)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; on a shared machine more threads than free cores stall every op")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".md"))
-    args = parser.parse_args(argv)
+def main(data_dir: str = "../shared/data/ml-100k", ctrl_export: list[str] | None = None, batch_size: int = 4096,
+         repeats: int = 5, semantic_rows: int = 1000, max_epochs: int | None = None,
+         text_cache_dir: str = str(default_cache_dir() / "text-vectors"), run_dir: str | None = None, threads: int = 1,
+         out: str = str(Path(__file__).with_suffix(".md"))) -> None:
+    """Serving cost of the exported models and of a semantic (language-model) scorer, on one machine.
+
+    Args:
+        data_dir: the MovieLens-100K folder.
+        ctrl_export: export directories of CTRL runs (`ctrl run` writes one).
+        batch_size: rows per scoring call.
+        repeats: timed repeats per model (the rate is their median).
+        semantic_rows: test rows timed end to end for the semantic scorer.
+        max_epochs: stage-2 epochs cap (default: the configs').
+        text_cache_dir: the text-vector cache.
+        run_dir: runs and exports (default: a temporary folder).
+        threads: torch threads; on a shared machine more threads than free cores stall every op.
+        out: the markdown file to write.
+    """
+    args = SimpleNamespace(data_dir=data_dir, ctrl_export=[Path(p) for p in ctrl_export or []], batch_size=batch_size,
+                           repeats=repeats, semantic_rows=semantic_rows, max_epochs=max_epochs,
+                           text_cache_dir=text_cache_dir, run_dir=Path(run_dir) if run_dir else None, threads=threads,
+                           out=Path(out))
     torch.set_num_threads(args.threads)
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
@@ -281,17 +290,17 @@ def main(argv: list[str] | None = None) -> None:
     write_report(args, text, semantic, encode_seconds, raw_test, rate, times, load)
 
 
-def write_report(args: argparse.Namespace, table: str, semantic: dict, encode_seconds: dict[str, float],
+def write_report(args: SimpleNamespace, table: str, semantic: dict, encode_seconds: dict[str, float],
                  raw_test: pd.DataFrame, rate: dict, times: dict, load: list[float]) -> None:
-    command = f"python benchmarks/cost_ml100k.py --data-dir {args.data_dir} --threads {args.threads}"
-    command += " --ctrl-export " + " ".join(map(str, args.ctrl_export)) if args.ctrl_export else ""
+    command = f"python benchmarks/cost_ml100k.py --data_dir {args.data_dir} --threads {args.threads}"
+    command += " --ctrl_export '[" + ",".join(map(str, args.ctrl_export)) + "]'" if args.ctrl_export else ""
     plain_scorer = [rate[("plain", n, "scorer")] for n in BACKBONES]
     spread = {k: (min(v) / statistics.median(v), max(v) / statistics.median(v)) for k, v in times.items()}
     worst = max(spread.values(), key=lambda s: s[1] - s[0])
     ctrl_note = ("CTRL exports: " + ", ".join(f"`{p}`" for p in args.ctrl_export) if args.ctrl_export else
-                 "**No CTRL export was given** (`--ctrl-export`), so the table has no CTRL row. CTRL ships only the"
+                 "**No CTRL export was given** (`--ctrl_export`), so the table has no CTRL row. CTRL ships only the"
                  " collaborative tower + head, so its export is architecturally the plain backbone: same parameter"
-                 " count and the same cost; rerun with `--ctrl-export runs/main/export` to measure it.")
+                 " count and the same cost; rerun with `--ctrl_export '[runs/main/export]'` to measure it.")
     text = (
         "# Inference cost on MovieLens-100K (test split)\n\n"
         f"Produced on {date.today().isoformat()} by\n\n    {command}\n\n"
@@ -328,4 +337,4 @@ def write_report(args: argparse.Namespace, table: str, semantic: dict, encode_se
 
 
 if __name__ == "__main__":
-    main()
+    auto_cli(main)

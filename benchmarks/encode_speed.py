@@ -32,8 +32,8 @@ from jsonargparse import auto_cli
 
 from ctrl.report import cpu_model
 from tabular2text.datamodule import CTRDataModule
+from towers.encoder import FrozenEncoder
 from towers.language import LanguageTower
-from towers.text_cache import FrozenEncoder
 
 Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 

@@ -1,7 +1,7 @@
 """Peer comparison on MovieLens-100K: FuxiCTR's DCN and DeepFM beside ours, same split, same hyper-parameters.
 
     pip install -e '.[peer]'    # fuxictr==2.3.10 (pulls ray, polars, scikit-learn, h5py; no torch)
-    python benchmarks/fuxictr_ml100k.py [--data-dir ../shared/data/ml-100k] [--max-epochs 20]
+    python benchmarks/fuxictr_ml100k.py [--data_dir ../shared/data/ml-100k] [--max_epochs 20]
 
 The prepared splits of `CTRDataModule` (8:1:1 by time) are written as parquet files with every field
 of our feature spec: user id, gender, age, occupation, zip code, item id, title and release year as
@@ -17,7 +17,7 @@ its model zoo, where DCN and DeepFM live; the two models here are composed from 
 (`FeatureEmbedding`, `CrossNet`, `MLP_Block`, `FactorizationMachine`) the way the model zoo composes them.
 
 Both sides: Adam lr 1e-3, batch 2048, embedding 32, MLP [256, 128, 64] with BatchNorm and dropout 0.1,
-DCN with 3 cross layers, no regularisation, early stopping on val AUC (patience 2, at most --max-epochs),
+DCN with 3 cross layers, no regularisation, early stopping on val AUC (patience 2, at most --max_epochs),
 the best-val-AUC weights tested, seed 0. FuxiCTR keeps its own defaults otherwise (learning rate x0.1
 on each epoch without improvement, gradient-norm clipping at 10, embeddings initialised N(0, 1e-4)).
 Training samples/s = train rows x epochs run / wall time of fit (each epoch's validation pass included,
@@ -27,13 +27,13 @@ initialised like every other weight (FuxiCTR 2.3.10 leaves them at N(0, 1); see 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import fuxictr
 import pandas as pd
@@ -47,6 +47,7 @@ from fuxictr.pytorch.layers import CrossNet, FactorizationMachine, FeatureEmbedd
 from fuxictr.pytorch.models import BaseModel
 from fuxictr.pytorch.torch_utils import seed_everything
 from fuxictr.utils import load_config, set_logger
+from jsonargparse import auto_cli
 
 from ctrl.lightning import lightning_cli
 from ctrl.pipeline import stage_configs
@@ -242,15 +243,19 @@ def markdown(results: dict[tuple[str, str], dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="../shared/data/ml-100k")
-    parser.add_argument("--max-epochs", type=int, default=20)
-    parser.add_argument("--run-dir", type=Path, default=None, help="FuxiCTR files and checkpoints (default: temp)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; on a shared machine more threads than free cores stall every op")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".md"))
-    args = parser.parse_args(argv)
+def main(data_dir: str = "../shared/data/ml-100k", max_epochs: int = 20, run_dir: str | None = None,
+         threads: int = 1, out: str = str(Path(__file__).with_suffix(".md"))) -> None:
+    """FuxiCTR and ctrl-rec on the same split with the same hyper-parameters.
+
+    Args:
+        data_dir: the MovieLens-100K folder.
+        max_epochs: epochs at most (early stopping on val AUC, patience 2).
+        run_dir: FuxiCTR files and checkpoints (default: a temporary folder).
+        threads: torch threads; on a shared machine more threads than free cores stall every op.
+        out: the markdown file to write.
+    """
+    args = SimpleNamespace(data_dir=data_dir, max_epochs=max_epochs, run_dir=Path(run_dir) if run_dir else None,
+                           threads=threads, out=Path(out))
     torch.set_num_threads(args.threads)
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fuxictr-ml100k-"))
     datamodule = CTRDataModule(args.data_dir)
@@ -273,15 +278,15 @@ def main(argv: list[str] | None = None) -> None:
     write_report(args, table, datamodule, build_seconds)
 
 
-def write_report(args: argparse.Namespace, table: str, datamodule: CTRDataModule, build_seconds: float) -> None:
+def write_report(args: SimpleNamespace, table: str, datamodule: CTRDataModule, build_seconds: float) -> None:
     sizes = {split: len(datamodule.frame(split)) for split in FUXI_SPLITS}
     text = f"""# Peer comparison on MovieLens-100K: FuxiCTR vs ctrl-rec, same split, same hyper-parameters (seed 0)
 
 Produced on {date.today().isoformat()} by
 
     pip install -e '.[peer]'
-    python benchmarks/fuxictr_ml100k.py --data-dir {args.data_dir} \\
-        --max-epochs {args.max_epochs} --threads {args.threads}
+    python benchmarks/fuxictr_ml100k.py --data_dir {args.data_dir} \\
+        --max_epochs {args.max_epochs} --threads {args.threads}
 
 Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()}; torch {torch.__version__},
 Lightning {pl.__version__}, FuxiCTR {fuxictr.__version__} (Ray {ray_version()}). The machine is shared with other
@@ -332,4 +337,4 @@ def ray_version() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    auto_cli(main)

@@ -1,6 +1,6 @@
 """Choose the stage-1 recipe on validation: DCN, seed 0, ML-100K; stage 2 is the shipped finetune.yaml (DCN).
 
-    python benchmarks/recipe_sweep_ml100k.py --data-dir ../shared/data/ml-100k [--runs base b1024_e10 ...]
+    python benchmarks/recipe_sweep_ml100k.py --data_dir ../shared/data/ml-100k [--runs '[base,b1024_e10_tau0.1]']
 
 Each run trains stage 1 with the overrides below (all explicit, so the result does not depend on the
 shipped defaults), then stage 2 from its best checkpoint, and records the best validation AUC of stage 2
@@ -10,12 +10,13 @@ shipped defaults), then stage 2 from its best checkpoint, and records the best v
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from jsonargparse import auto_cli
 
 from ctrl.lightning import lightning_cli
 from ctrl.report import cpu_model
@@ -74,13 +75,20 @@ def write_table(records: list[dict], path: Path, command: str) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="../shared/data/ml-100k")
-    parser.add_argument("--out", default="runs/recipe-sweep")
-    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--table", default=str(ROOT / "benchmarks" / "recipe_sweep_ml100k.md"))
-    args = parser.parse_args()
+def main(data_dir: str = "../shared/data/ml-100k", out: str = "runs/recipe-sweep", runs: list[str] | None = None,
+         table: str = str(ROOT / "benchmarks" / "recipe_sweep_ml100k.md")) -> None:
+    """Run the named recipes (default: all) that are not recorded yet, then write the table.
+
+    Args:
+        data_dir: the MovieLens-100K folder.
+        out: run folders and results.jsonl.
+        runs: names from RUNS.
+        table: the markdown file to write.
+    """
+    unknown = sorted(set(runs or []) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"error: unknown runs {unknown}; choose from {', '.join(RUNS)}")
+    args = SimpleNamespace(data_dir=data_dir, out=out, runs=runs or list(RUNS), table=table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
@@ -91,8 +99,8 @@ def main() -> None:
             with results.open("a") as f:
                 f.write(json.dumps(record) + "\n")
     records = [json.loads(line) for line in results.read_text().splitlines()]
-    write_table(records, Path(args.table), "python benchmarks/recipe_sweep_ml100k.py --data-dir " + args.data_dir)
+    write_table(records, Path(args.table), "python benchmarks/recipe_sweep_ml100k.py --data_dir " + args.data_dir)
 
 
 if __name__ == "__main__":
-    main()
+    auto_cli(main)

@@ -35,7 +35,8 @@ import json, sys, time
 import numpy as np
 from tabular2text.datamodule import CTRDataModule
 from towers.language import LanguageTower
-from towers.text_cache import FrozenEncoder, distinct
+from tabular2text.text_vectors import distinct
+from towers.encoder import FrozenEncoder
 data_dir, limit, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 dm = CTRDataModule(data_dir)
 first, second = [], []

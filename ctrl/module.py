@@ -5,8 +5,10 @@ Each row is seen twice, as features (collaborative tower) and as its (user sente
 sub-spaces (fine: max-sim InfoNCE); the losses are in `ctrl/losses.py`. Only the collaborative tower goes
 on to stage 2: it sits under the `tower.` prefix of the checkpoint's state dict.
 
-Run through Lightning with a data module that serves `batch["row"]`, `texts(split)` and `text_splits` (the
-splits before test, in time order), e.g.
+The model holds the two towers, the `AlignmentHeads` and the losses; the data serves the text. In `setup`
+the model hands its language tower to the data module (`CTRDataModule.serve_text`), which then puts each
+batch's text side in `batch["text"]`: cached vectors for a frozen tower, token ids for a trainable one.
+Run through Lightning, e.g.
 `pl.Trainer(max_epochs=5).fit(AlignmentModule(dm.feature_spec.to_dict(), towers.AutoInt), datamodule=dm)`,
 or `ctrl fit --model ctrl.module.AlignmentModule --model.backbone towers.AutoInt --data.data_dir DIR`.
 """
@@ -16,35 +18,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from ctrl.heads import AlignmentHeads
 from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
 from finetune.guards import check_resumed_checkpoint, require_finite
-from tabular2text.prepare import default_cache_dir
 from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, backbone_config
+from towers.encoder import FrozenEncoder, Precision
 from towers.language import LanguageTower, Pooling, model_config
-from towers.text_cache import FrozenEncoder, Precision, TextVectorCache
 
 Batch = dict[str, Tensor]
 WARMUP_START_LR = 1e-5  # the paper warms the learning rate up from here
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",)}  # the texts each Trainer stage reads
 
 
 class AlignmentModule(pl.LightningModule):
-    """Collaborative tower + language tower, each with a linear projection into a shared space and M linear
-    sub-space maps of that projection, trained with coarse_weight * coarse + fine_weight * fine.
+    """Collaborative tower + language tower + `AlignmentHeads` (a linear projection of each side into a shared
+    space and M linear sub-space maps of it), trained with coarse_weight * coarse + fine_weight * fine.
 
-    A frozen language tower (trainable_layers=0) is only run once, in `setup`, on the trainer's device (every
-    DDP rank encodes its share of the distinct texts): its pooled vectors of the train and val texts are
-    cached on disk and read memory-mapped, as plain arrays, not buffers, so neither the language model nor
-    its vectors are in the checkpoint, and DDP does not broadcast the (N x H) tables before every forward
-    pass as it does buffers. A trainable one reads the batch's texts at every step.
+    A frozen language tower (trainable_layers=0) is only run once, in `setup`, on the trainer's device: the
+    data module caches its vectors of every text before test on disk (every DDP rank encodes its share) and
+    serves them, memory-mapped, in `batch["text"]`; neither the language model nor its vectors are in the
+    checkpoint. A trainable one is in the model and reads the batch's token ids at every step.
 
     Logs `train/{loss,coarse,fine}` and, over each validation epoch, `val/{loss,coarse,fine}` and
     `val/retrieval_top1`: how often a text's highest-scoring row in the batch is its own row, scored by the
@@ -58,7 +57,6 @@ class AlignmentModule(pl.LightningModule):
         pooling: how the language tower pools token states: "mean" (the paper's), "cls" or "last".
         trainable_layers: top language blocks that train; 0 freezes the tower, "all" trains all of it.
         max_length: tokens per text.
-        text_cache_dir: where a frozen tower's vectors are cached (default: the data cache's text-vectors).
         text_precision: weights of the frozen tower while it encodes: "auto" (bf16 on a device with native
             bf16, a GPU or a CPU with AMX / AVX512-BF16, else fp32), "fp32" or "bf16". bf16 measured about 3x
             fp32 on a 2-core AMX CPU at cosine >= 0.9999 to the fp32 vectors (benchmarks/encode_speed.md).
@@ -88,7 +86,6 @@ class AlignmentModule(pl.LightningModule):
         pooling: Pooling = "mean",
         trainable_layers: int | Literal["all"] = 0,
         max_length: PositiveInt = 128,
-        text_cache_dir: str | None = None,
         text_precision: Precision = "auto",
         text_granularity: Literal["row", "entity"] = "row",
         proj_dim: PositiveInt = 128,
@@ -118,28 +115,19 @@ class AlignmentModule(pl.LightningModule):
         if unknown:
             raise ValueError(f"masked_fields {unknown} are not categorical or sequence fields of the data; known:"
                              f" {', '.join(f.name for f in spec.fields if f.kind != 'numeric')}")
-        # entity text: the behavior sequence whose items' vectors are pooled (the first sequence field)
-        self.history_field = next((f.name for f in spec.fields if f.kind == "sequence"), None)
         if trainable_layers == 0:
-            # Built only in setup to fill the cache; its width is all the projection needs now.
+            # Built only in setup, for the data module to fill its cache; its width is all the heads need now.
             self.language = None
             text_dim = model_config(language_model).hidden_size
-            if text_granularity == "entity":
-                text_dim *= 3 if self.history_field else 2
+            if text_granularity == "entity":  # [user, item, mean of the history items] (no history: 2 parts)
+                text_dim *= 3 if any(f.kind == "sequence" for f in spec.fields) else 2
         else:
             # train(): from_pretrained returns eval mode, which Lightning keeps, and dropout would stay off.
             self.language = LanguageTower(language_model, pooling, trainable_layers, max_length).train()
             text_dim = self.language.output_dim
-        self.tab_proj = nn.Linear(self.tower.output_dim, proj_dim)
-        self.text_proj = nn.Linear(text_dim, proj_dim)
-        self.tab_subspaces = nn.Linear(proj_dim, num_subspaces * subspace_dim)  # M maps W_m h + b_m at once
-        self.text_subspaces = nn.Linear(proj_dim, num_subspaces * subspace_dim)
+        self.heads = AlignmentHeads(self.tower.output_dim, text_dim, proj_dim, num_subspaces, subspace_dim)
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "coarse", "fine", "retrieval_top1")})
-        self.texts: dict[str, tuple[list[str], list[str]]] = {}  # trainable language tower: split -> texts
-        # frozen language tower: split -> part ("row"; entity: "user", "item") -> (D x H vectors of the distinct
-        # texts, memory-mapped; per row, its text's index); entity: item id -> H, the history items' vectors
-        self.frozen_text_vectors: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        self.item_vectors: Tensor | None = None
+        self.encoder: FrozenEncoder | None = None  # a frozen tower, built in setup for the data module's cache
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["stage"] = 1  # read by checkpoint_stage: which stage wrote a checkpoint
@@ -147,83 +135,28 @@ class AlignmentModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resumed_checkpoint(checkpoint, 1, self.hparams.feature_spec)
 
-    # --- text side ---------------------------------------------------------------------------------------
-    def _cached_text_vectors(self, splits: tuple[str, ...]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-        """Per split and text part, the distinct texts' vectors from the on-disk cache (encoded where missing)
-        and each row's index into them. The tower is loaded and fingerprinted once, on the trainer's device;
-        under DDP every rank encodes its share."""
-        hp, trainer = self.hparams, self.trainer
-        if not splits:
-            return {}
-        cache = TextVectorCache(hp.text_cache_dir or default_cache_dir() / "text-vectors")
-        encoder = FrozenEncoder(LanguageTower(hp.language_model, hp.pooling, 0, hp.max_length),
-                                trainer.strategy.root_device, hp.text_precision)
-
-        def vectors(first: list[str], second: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-            return cache.vectors(encoder, first, second, rank=trainer.global_rank, world_size=trainer.world_size,
-                                 barrier=trainer.strategy.barrier)
-
-        # One entry for all rows before test (the same rows, in the same time order, in every val_fold); each
-        # split is a slice of its per-row index.
-        data = trainer.datamodule
-        texts = {split: data.texts(split) for split in data.text_splits}
-        sizes = {split: len(users) for split, (users, _) in texts.items()}
-        starts = dict(zip(sizes, np.cumsum([0, *sizes.values()]).tolist(), strict=False))
-
-        def per_split(vectors_and_index: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-            table, index = vectors_and_index
-            return {split: (table, index[starts[split]:starts[split] + sizes[split]]) for split in splits}
-
-        def joined(part: Callable[[str], list[str]]) -> list[str]:
-            return [text for split in sizes for text in part(split)]
-
-        if hp.text_granularity == "row":
-            rows = per_split(vectors(joined(lambda s: texts[s][0]), joined(lambda s: texts[s][1])))
-            return {split: {"row": rows[split]} for split in splits}
-        ids, item_texts = data.item_catalog()
-        catalog, index = vectors(item_texts)
-        spec = FeatureSpec.from_dict(hp.feature_spec)
-        item_vectors = torch.zeros(spec[spec.item_field].vocab_size, encoder.output_dim)
-        item_vectors[torch.from_numpy(ids)] = torch.from_numpy(catalog[index])
-        self.item_vectors = item_vectors  # PAD and unseen ids: zero vectors, left out of the history mean
-        users = per_split(vectors(joined(data.profile_texts)))
-        items = per_split(vectors(joined(lambda s: texts[s][1])))
-        return {split: {"user": users[split], "item": items[split]} for split in splits}
-
     def setup(self, stage: str) -> None:
-        splits = STAGE_SPLITS.get(stage, ())
-        if self.language is None:
-            self.frozen_text_vectors = self._cached_text_vectors(splits)
-        else:
-            self.texts = {split: self.trainer.datamodule.texts(split) for split in splits}
-
-    def text_vectors(self, batch: Batch, split: str) -> Tensor:
-        """B x text_dim language-tower vectors of the batch's rows (`batch["row"]` of `split`)."""
-        rows = batch["row"].cpu().numpy()
-        if self.language is None:
-            parts = [torch.from_numpy(vectors[index[rows]]) for vectors, index in
-                     self.frozen_text_vectors[split].values()]
-            if self.hparams.text_granularity == "entity" and self.history_field:
-                history = batch[self.history_field].cpu()  # B x L item ids, 0-padded
-                mask = (history > OOV).unsqueeze(-1).float()
-                pooled = (self.item_vectors[history] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-                parts.append(pooled)
-            return torch.cat(parts, dim=-1).to(self.device)
-        first, second = self.texts[split]
-        tokens = self.language.tokenize([first[i] for i in rows], [second[i] for i in rows])
-        return self.language(**tokens.to(self.device))
+        """Hand the language tower to the data module, which puts each batch's text side in `batch["text"]`:
+        a frozen tower's cached vectors (encoded once, on the trainer's device, every DDP rank its share),
+        or a trainable tower's token ids."""
+        hp, data = self.hparams, self.trainer.datamodule
+        if self.language is not None:
+            data.serve_text(tokenize=self.language.tokenize)
+            return
+        device = self.trainer.strategy.root_device
+        if self.encoder is None or self.encoder.device != device:  # one load and fingerprint per run
+            self.encoder = FrozenEncoder(LanguageTower(hp.language_model, hp.pooling, 0, hp.max_length), device,
+                                         hp.text_precision)
+        data.serve_text(encoder=self.encoder, granularity=hp.text_granularity)
 
     # --- alignment ---------------------------------------------------------------------------------------
-    def embed(self, batch: Batch, split: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def embed(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Shared-space vectors (B x proj_dim) and sub-space vectors (B x M x subspace_dim), table then text."""
-        hp = self.hparams
-        if hp.masked_fields:  # OOV where there is a value; padding stays padding
-            batch = {**batch, **{f: batch[f].clamp(max=OOV) for f in hp.masked_fields}}
-        tab = self.tab_proj(self.tower(batch))
-        text = self.text_proj(self.text_vectors(batch, split))
-        sub_tab = self.tab_subspaces(tab).view(len(tab), hp.num_subspaces, hp.subspace_dim)
-        sub_text = self.text_subspaces(text).view(len(text), hp.num_subspaces, hp.subspace_dim)
-        return tab, text, sub_tab, sub_text
+        masked = self.hparams.masked_fields
+        if masked:  # OOV where there is a value; padding stays padding
+            batch = {**batch, **{f: batch[f].clamp(max=OOV) for f in masked}}
+        text = batch["text"] if self.language is None else self.language(**batch["text"])
+        return self.heads(self.tower(batch), text)
 
     def losses(self, tab: Tensor, text: Tensor, sub_tab: Tensor, sub_text: Tensor) -> dict[str, Tensor]:
         """Total, coarse and fine loss of this rank's rows (negatives from every rank's rows)."""
@@ -233,13 +166,13 @@ class AlignmentModule(pl.LightningModule):
         return {"loss": hp.coarse_weight * coarse + hp.fine_weight * fine, "coarse": coarse, "fine": fine}
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        losses = self.losses(*self.embed(batch, "train"))
+        losses = self.losses(*self.embed(batch))
         # sync_dist: each rank's loss covers its own rows only; their mean is the global batch's loss.
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch["row"]), sync_dist=True)
         return require_finite(losses["loss"], self.current_epoch, self.global_step)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        tab, text, sub_tab, sub_text = self.embed(batch, "val")
+        tab, text, sub_tab, sub_text = self.embed(batch)
         for name, value in self.losses(tab, text, sub_tab, sub_text).items():
             self.val_metrics[name].update(value, weight=len(tab))
         all_tab, offset = gather_rows(tab)

@@ -1,8 +1,11 @@
-"""The Lightning data module: prepared parquet -> in-memory tensors -> batches (see tabular2text/schema.py)."""
+"""The Lightning data module: prepared parquet -> in-memory tensors -> batches (see tabular2text/schema.py),
+and, once a language tower is handed in (`serve_text`), each batch's text side as `batch["text"]`."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tabular2text.download import ensure_movielens_100k
 from tabular2text.encode import frame_to_tensors
-from tabular2text.prepare import SPLITS, prepare
+from tabular2text.prepare import SPLITS, default_cache_dir, prepare
 from tabular2text.schema import FeatureSpec
+from tabular2text.text_vectors import FrozenText, TextEncoder, TextVectorCache, Tokenize, TokenizedText, with_text
 
 
 class TensorDictDataset(Dataset):
@@ -69,12 +73,14 @@ class CTRDataModule(pl.LightningDataModule):
         val_fold: the time block that validates: 0 (the paper's: the 10% just before test), or k > 0 for the
             block k blocks earlier, trained on everything before it (a rolling-origin fold for choosing
             hyper-parameters on more than one validation period; test is the same in every fold).
+        text_cache_dir: where a frozen language tower's text vectors are cached (default: `text-vectors` in
+            `cache_dir`).
     """
 
     def __init__(self, data_dir: str, download: bool = False, history_length: PositiveInt = 10,
                  template: str | dict[str, str] = "natural", batch_size: PositiveInt = 2048,
                  eval_batch_size: PositiveInt = 8192, num_workers: NonNegativeInt = 0, cache_dir: str | None = None,
-                 val_fold: NonNegativeInt = 0) -> None:
+                 val_fold: NonNegativeInt = 0, text_cache_dir: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         if download:
@@ -83,6 +89,9 @@ class CTRDataModule(pl.LightningDataModule):
         # this constructor. Preparation is cached and atomic, so every DDP rank may call it.
         self.prepared_dir = prepare(data_dir, cache_dir, history_length, template, val_fold)
         self.feature_spec = FeatureSpec.load(self.prepared_dir / "feature_spec.json")
+        data_cache = Path(cache_dir or default_cache_dir()).expanduser()
+        self.text_cache_dir = Path(text_cache_dir).expanduser() if text_cache_dir else data_cache / "text-vectors"
+        self.text: FrozenText | TokenizedText | None = None  # what fills batch["text"]; set by serve_text
         self._frames: dict[str, pd.DataFrame] = {}
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
         self._resume_at = (-1, 0)
@@ -115,6 +124,71 @@ class CTRDataModule(pl.LightningDataModule):
         items = pd.read_parquet(self.prepared_dir / "items.parquet")
         return items["id"].to_numpy(np.int64), items["item_text"].tolist()
 
+    # --- the text side ------------------------------------------------------------------------------------
+    def serve_text(self, encoder: TextEncoder | None = None, tokenize: Tokenize | None = None,
+                   granularity: str = "row") -> None:
+        """From now on each batch of the splits before test carries `batch["text"]` next to its features.
+
+        Given `encoder` (a frozen language tower), the text vectors of every row before test are read from
+        the cache, each distinct text encoded where missing (under DDP every rank encodes its share: call
+        this on every rank), and a batch gets its rows' vectors. Given `tokenize` (a trainable tower), a
+        batch gets the token ids of its (user sentence, item sentence) pairs.
+
+        Args:
+            encoder: what encodes texts into the cache, e.g. `towers.encoder.FrozenEncoder`.
+            tokenize: the trainable tower's tokenizer call, e.g. `LanguageTower.tokenize`.
+            granularity: with `encoder`: "row" (the paper's): each row's (user sentence, item sentence)
+                pair, one text per row; "entity" (as DisCo and KAR): each user's sentence without the
+                behavior sequence and each item's sentence, encoded once per entity, and per row [user
+                vector, item vector, mean of its history items' vectors].
+        """
+        if (encoder is None) == (tokenize is None):
+            raise ValueError("serve_text takes an encoder (frozen language tower) or tokenize (trainable one)")
+        if tokenize is not None:
+            self.text = TokenizedText({split: self.texts(split) for split in self.text_splits}, tokenize)
+            return
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        cache = TextVectorCache(self.text_cache_dir)
+
+        def vectors(first: list[str], second: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+            return cache.vectors(encoder, first, second, rank=rank, world_size=world_size,
+                                 barrier=trainer.strategy.barrier if trainer else lambda: None)
+
+        # One entry for all rows before test (the same rows, in the same time order, in every val_fold); each
+        # split is a slice of its per-row index.
+        sizes = {split: len(self.frame(split)) for split in self.text_splits}
+        starts = dict(zip(sizes, np.cumsum([0, *sizes.values()]).tolist(), strict=False))
+
+        def per_split(table: np.ndarray, index: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+            return {split: (table, index[starts[split]:starts[split] + n]) for split, n in sizes.items()}
+
+        def joined(column: str) -> list[str]:
+            return [text for split in sizes for text in self.frame(split)[column].tolist()]
+
+        if granularity == "row":
+            rows = per_split(*vectors(joined("user_text"), joined("item_text")))
+            self.text = FrozenText({split: [rows[split]] for split in sizes})
+            return
+        if granularity != "entity":
+            raise ValueError(f"unknown text granularity {granularity!r}; use row or entity")
+        spec = self.feature_spec
+        if spec.item_field is None:
+            raise ValueError("text granularity entity needs an item id field in the data; use row")
+        ids, item_texts = self.item_catalog()
+        catalog, index = vectors(item_texts)
+        item_vectors = torch.zeros(spec[spec.item_field].vocab_size, encoder.output_dim)
+        item_vectors[torch.from_numpy(ids)] = torch.from_numpy(catalog[index])
+        users, items = per_split(*vectors(joined("user_profile_text"))), per_split(*vectors(joined("item_text")))
+        history = next((f.name for f in spec.fields if f.kind == "sequence"), None)
+        self.text = FrozenText({split: [users[split], items[split]] for split in sizes}, item_vectors, history)
+
+    def collate(self, split: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """The DataLoader's collate function: the sliced batch, plus `batch["text"]` once text is served."""
+        if self.text is None or split not in self.text_splits:
+            return keep_batch
+        return partial(with_text, self.text, split)
+
     def tensors(self, split: str) -> dict[str, torch.Tensor]:
         if split not in self._tensors:
             self._tensors[split] = frame_to_tensors(self.frame(split), self.feature_spec)
@@ -131,7 +205,7 @@ class CTRDataModule(pl.LightningDataModule):
                                        trainer.global_rank if trainer else 0, int(os.environ.get("PL_GLOBAL_SEED", 0)))
             sampler.resume_at = self._resume_at
         # An own generator: the loader then never draws from the global RNG, which dropout uses.
-        return DataLoader(dataset, sampler=sampler, collate_fn=keep_batch, batch_size=batch_size,
+        return DataLoader(dataset, sampler=sampler, collate_fn=self.collate(split), batch_size=batch_size,
                           generator=torch.Generator(), num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
 

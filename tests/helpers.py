@@ -110,11 +110,11 @@ def write_small_ml1m(directory: Path, users: int = 40, movies: int = 30, seed: i
     return directory
 
 
-def small_config(source: Path, target: Path, **model_args) -> Path:
+def small_config(source: Path, target: Path, data_args: dict | None = None, **model_args) -> Path:
     """The shipped config with small-data settings: the same structure a user runs."""
     config = yaml.safe_load(source.read_text())
     config["trainer"]["max_epochs"] = 2
-    config["data"].update(batch_size=64)
+    config["data"].update(batch_size=64, **(data_args or {}))
     config["model"]["init_args"]["backbone"]["init_args"].update(embed_dim=8, mlp_dims=[32, 16])
     config["model"]["init_args"].update(model_args)
     target.write_text(yaml.safe_dump(config))
@@ -125,8 +125,8 @@ def small_config_dir(target: Path, bert_dir: str, text_cache_dir: Path) -> Path:
     """A config directory as `ctrl run` and `ctrl bench` read it: the shipped stage bases with small-data
     settings (a tiny BERT as the language tower) and the shipped backbone overlays."""
     target.mkdir()
-    small_config(CONFIGS / "align.yaml", target / "align.yaml", language_model=bert_dir,
-                 text_cache_dir=str(text_cache_dir), warmup_steps=2)
+    small_config(CONFIGS / "align.yaml", target / "align.yaml", {"text_cache_dir": str(text_cache_dir)},
+                 language_model=bert_dir, warmup_steps=2)
     small_config(CONFIGS / "finetune.yaml", target / "finetune.yaml")
     for stage in ("align", "finetune"):
         shutil.copytree(CONFIGS / stage, target / stage)

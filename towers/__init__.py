@@ -1,6 +1,6 @@
 """The towers: the collaborative (CTR) tower, its backbones and shared parts.
 
-The language tower (`towers.language.LanguageTower`) and its cache (`towers.text_cache`) are not imported
+The language tower (`towers.language.LanguageTower`) and its bulk encoder (`towers.encoder`) are not imported
 here: serving an exported collaborative model must not load transformers."""
 
 from towers.collaborative import (

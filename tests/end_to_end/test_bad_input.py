@@ -214,7 +214,7 @@ def test_damaged_text_vector_cache_is_rebuilt_never_used(small_run, tmp_path, mo
     for f in files:
         f.write_bytes(f.read_bytes()[:-100])
     with pytest.warns(UserWarning, match=files[0].parent.name):
-        main([*fit(small_run, "align", "--model.init_args.text_cache_dir", str(cache)), "--trainer.max_epochs", "1",
+        main([*fit(small_run, "align", "--data.text_cache_dir", str(cache)), "--trainer.max_epochs", "1",
               "--trainer.default_root_dir", str(tmp_path / "run")])
     for f in files:
         np.testing.assert_allclose(np.load(f), originals[f], rtol=1e-5, atol=1e-6)

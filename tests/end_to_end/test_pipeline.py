@@ -134,7 +134,7 @@ def test_checkpoint_of_the_wrong_stage_is_refused(small_run, bert_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CTRL_CACHE_DIR", str(small_run / "cache"))
-        dm = CTRDataModule(str(small_run / "ml-1m"), batch_size=64)
+        dm = CTRDataModule(str(small_run / "ml-1m"), batch_size=64, text_cache_dir=str(small_run / "text-vectors"))
     align_ckpt = next((small_run / "out" / "align").rglob("best.ckpt"))
     module = CTRModule(dm.feature_spec.to_dict(), partial(DCN, embed_dim=8, mlp_dims=[32, 16]))
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, default_root_dir=small_run / "wrong")
@@ -143,6 +143,6 @@ def test_checkpoint_of_the_wrong_stage_is_refused(small_run, bert_dir):
 
     finetune_ckpt = next((small_run / "out" / "finetune").rglob("best.ckpt"))
     aligner = AlignmentModule(dm.feature_spec.to_dict(), partial(DCN, embed_dim=8, mlp_dims=[32, 16]),
-                              language_model=bert_dir, text_cache_dir=str(small_run / "text-vectors"))
+                              language_model=bert_dir)
     with pytest.raises(CheckpointError, match="not a stage-1 .* with a finetune_\\*.yaml config"):
         trainer.validate(aligner, datamodule=dm, ckpt_path=finetune_ckpt)

@@ -6,6 +6,7 @@ import dataclasses
 from functools import partial
 
 import numpy as np
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -15,10 +16,10 @@ from torch.utils.data import DataLoader
 from ctrl.module import AlignmentModule
 from ctrl.probe import TransferProbe
 from finetune.module import load_aligned_tower
-from tabular2text.datamodule import TensorDictDataset, keep_batch
+from tabular2text.datamodule import CTRDataModule, TensorDictDataset
 from towers import BACKBONES, DeepFM
+from towers.encoder import FrozenEncoder
 from towers.language import LanguageTower
-from towers.text_cache import FrozenEncoder
 
 # No dropout or BatchNorm: they would make one process differ from two (BatchNorm sees each rank's half).
 TOWER = partial(DeepFM, embed_dim=8, mlp_dims=(16,), dropout=0.0, batch_norm=False)
@@ -27,27 +28,29 @@ TOWER = partial(DeepFM, embed_dim=8, mlp_dims=(16,), dropout=0.0, batch_norm=Fal
 ENTITY_SPEC = dataclasses.replace(synthetic_spec(), user_field="user_id", item_field="item_id")
 
 
-class TextData(pl.LightningDataModule):
-    """Synthetic rows plus their texts; val serves the same rows (enough to exercise stage 1)."""
+class TextData(CTRDataModule):
+    """Synthetic rows plus their texts; val serves the same rows (enough to exercise stage 1). The text side
+    (`serve_text`, `collate`) is the real data module's; only the prepared frames are made up."""
 
-    def __init__(self, rows: int = 16, batch_size: int = 8) -> None:
-        super().__init__()
-        self.feature_spec = ENTITY_SPEC
+    def __init__(self, text_cache_dir, rows: int = 16, batch_size: int = 8) -> None:
+        pl.LightningDataModule.__init__(self)
+        self.feature_spec, self.text_cache_dir, self.text = ENTITY_SPEC, text_cache_dir, None
         self.rows = synthetic_batch(self.feature_spec, rows, seed=0)
         self.batch_size = batch_size
+        r = self.rows
+        self.frames = {split: pd.DataFrame({
+            "user_text": [f"this is a user, gender is {g}, age is {a:.1f}, who has recently watched"
+                          f" {'|'.join(map(str, h))}" for g, a, h in
+                          zip(r["gender"].tolist(), r["age"].tolist(), r["history"].tolist(), strict=True)],
+            "item_text": [f"this is a movie, title is {t}, genre is {'|'.join(map(str, gs))}."
+                          for t, gs in zip(r["title"].tolist(), r["genres"].tolist(), strict=True)],
+            "user_profile_text": [f"this is a user, gender is {g}." for g in r["gender"].tolist()]})
+            for split in self.text_splits}
 
     text_splits = ("train", "val")
 
-    def texts(self, split: str) -> tuple[list[str], list[str]]:
-        r = self.rows
-        users = [f"this is a user, gender is {g}, age is {a:.1f}, who has recently watched {'|'.join(map(str, h))}"
-                 for g, a, h in zip(r["gender"].tolist(), r["age"].tolist(), r["history"].tolist(), strict=True)]
-        items = [f"this is a movie, title is {t}, genre is {'|'.join(map(str, gs))}."
-                 for t, gs in zip(r["title"].tolist(), r["genres"].tolist(), strict=True)]
-        return users, items
-
-    def profile_texts(self, split: str) -> list[str]:
-        return [f"this is a user, gender is {g}." for g in self.rows["gender"].tolist()]
+    def frame(self, split: str) -> pd.DataFrame:
+        return self.frames[split]
 
     def item_catalog(self) -> tuple[np.ndarray, list[str]]:
         ids = np.arange(2, self.feature_spec["item_id"].vocab_size)
@@ -56,19 +59,20 @@ class TextData(pl.LightningDataModule):
     def tensors(self, split: str) -> dict[str, torch.Tensor]:
         return self.rows
 
-    def _loader(self) -> DataLoader:
-        return DataLoader(TensorDictDataset(self.rows), batch_size=self.batch_size, collate_fn=keep_batch)
+    def loader(self, split: str) -> DataLoader:
+        return DataLoader(TensorDictDataset(self.tensors(split)), batch_size=self.batch_size,
+                          collate_fn=self.collate(split))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader()
+        return self.loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader()
+        return self.loader("val")
 
 
-def make_module(bert_dir, cache_dir, cls=AlignmentModule, **overrides) -> AlignmentModule:
+def make_module(bert_dir, cls=AlignmentModule, **overrides) -> AlignmentModule:
     torch.manual_seed(0)
-    options = {"language_model": bert_dir, "text_cache_dir": str(cache_dir), "proj_dim": 16, "num_subspaces": 3,
+    options = {"language_model": bert_dir, "proj_dim": 16, "num_subspaces": 3,
                "subspace_dim": 4, "warmup_steps": 2, **overrides}
     return cls(ENTITY_SPEC.to_dict(), TOWER, **options)
 
@@ -80,9 +84,9 @@ def trainer(**options) -> pl.Trainer:
 
 
 def test_fast_dev_run_frozen_language_tower_logs_losses_and_retrieval(bert_dir, tmp_path):
-    module = make_module(bert_dir, tmp_path / "cache")
+    module = make_module(bert_dir)
     run = trainer(fast_dev_run=2)
-    run.fit(module, datamodule=TextData())
+    run.fit(module, datamodule=TextData(tmp_path / "cache"))
     metrics = run.callback_metrics
     for name in ("train/loss", "train/coarse", "train/fine", "val/loss", "val/coarse", "val/fine"):
         assert torch.isfinite(metrics[name]), name
@@ -90,27 +94,28 @@ def test_fast_dev_run_frozen_language_tower_logs_losses_and_retrieval(bert_dir, 
     assert 0.0 <= metrics["val/retrieval_top1"] <= 1.0
     # encoded once in setup; train and val hold the same texts here: one cache entry, read memory-mapped
     assert module.language is None and len(list((tmp_path / "cache").iterdir())) == 1
-    vectors, index = module.frozen_text_vectors["train"]["row"]
+    ((vectors, index),) = run.datamodule.text.parts["train"]
     assert isinstance(vectors, np.memmap) and vectors.shape == (16, 16) and index.shape == (16,)
 
 
 def test_entity_text_pools_user_item_and_history_item_vectors(bert_dir, tmp_path):
     """text_granularity entity: one text per user profile and per item; a row's text vector is [user, item,
     mean of its history items' catalog vectors], checked by hand on a batch."""
-    module = make_module(bert_dir, tmp_path / "cache", text_granularity="entity", text_precision="fp32")
-    assert module.text_proj.in_features == 3 * 16
-    data = TextData()
+    module = make_module(bert_dir, text_granularity="entity", text_precision="fp32")
+    assert module.heads.text_proj.in_features == 3 * 16
+    data = TextData(tmp_path / "cache")
     run = trainer(fast_dev_run=2)
     run.fit(module, datamodule=data)
     assert torch.isfinite(run.callback_metrics["train/loss"])
-    assert set(module.frozen_text_vectors["train"]) == {"user", "item"}
-    catalog = module.item_vectors
+    assert len(data.text.parts["train"]) == 2  # user profiles, item sentences
+    catalog = data.text.item_vectors
     assert catalog.shape == (20, 16) and not catalog[:2].any() and catalog[2:].norm(dim=1).min() > 0
-    batch = data.rows
-    vectors = module.text_vectors(batch, "train")
+    batch = next(iter(data.loader("train")))
+    vectors = batch["text"]
+    assert vectors.shape == (8, 3 * 16)
     encoder = FrozenEncoder(LanguageTower(str(bert_dir)), precision=module.hparams.text_precision)
-    users = encoder.encode(data.profile_texts("train"))
-    items = encoder.encode(data.texts("train")[1])
+    users = encoder.encode(data.frame("train")["user_profile_text"].tolist()[:8])
+    items = encoder.encode(data.frame("train")["item_text"].tolist()[:8])
     torch.testing.assert_close(vectors[:, :16], users, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vectors[:, 16:32], items, atol=1e-5, rtol=1e-5)
     for i, history in enumerate(batch["history"].tolist()):
@@ -132,38 +137,28 @@ def test_frozen_tower_encodes_on_the_trainers_device_and_a_trainable_one_follows
 
     monkeypatch.setattr(ctrl.module, "FrozenEncoder", Recording)
     run = trainer(fast_dev_run=1)
-    run.fit(make_module(bert_dir, tmp_path / "cache"), datamodule=TextData())
+    run.fit(make_module(bert_dir), datamodule=TextData(tmp_path / "cache"))
     assert devices == [(run.strategy.root_device, run.strategy.root_device)]  # one load for train and val
-    module = make_module(bert_dir, tmp_path / "cache", trainable_layers=1)
+    module = make_module(bert_dir, trainable_layers=1)
     run = trainer(fast_dev_run=1)
-    run.fit(module, datamodule=TextData())
+    run.fit(module, datamodule=TextData(tmp_path / "cache"))
     assert {p.device for p in module.language.parameters()} == {module.device} == {run.strategy.root_device}
 
 
 class FoldData(TextData):
     """The 16 rows cut into consecutive splits (train, val[, gap]), each with texts of its own."""
 
-    def __init__(self, sizes: dict[str, int]) -> None:
-        super().__init__()
+    def __init__(self, text_cache_dir, sizes: dict[str, int]) -> None:
+        super().__init__(text_cache_dir, batch_size=4)
         self.text_splits = tuple(sizes)
         bounds = np.cumsum([0, *sizes.values()])
         self.bounds = {s: (int(a), int(b)) for s, a, b in zip(sizes, bounds[:-1], bounds[1:], strict=True)}
+        whole = self.frames["train"].assign(user_text=lambda f: [f"row {i}: {u}" for i, u in enumerate(f.user_text)])
+        self.frames = {s: whole.iloc[a:b].reset_index(drop=True) for s, (a, b) in self.bounds.items()}
 
-    def texts(self, split: str) -> tuple[list[str], list[str]]:
+    def tensors(self, split: str) -> dict[str, torch.Tensor]:
         a, b = self.bounds[split]
-        users, items = super().texts(split)
-        return [f"row {i}: {u}" for i, u in enumerate(users)][a:b], items[a:b]
-
-    def split_loader(self, split: str) -> DataLoader:
-        a, b = self.bounds[split]
-        rows = {k: v[a:b] for k, v in self.rows.items()} | {"row": torch.arange(b - a)}
-        return DataLoader(TensorDictDataset(rows), batch_size=4, collate_fn=keep_batch)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.split_loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self.split_loader("val")
+        return {k: v[a:b] for k, v in self.rows.items()} | {"row": torch.arange(b - a)}
 
 
 def test_text_vectors_of_all_splits_before_test_are_one_entry_shared_by_every_fold(bert_dir, tmp_path):
@@ -172,40 +167,39 @@ def test_text_vectors_of_all_splits_before_test_are_one_entry_shared_by_every_fo
     cache = tmp_path / "cache"
     encoder = FrozenEncoder(LanguageTower(str(bert_dir)), precision="fp32")
     for sizes in ({"train": 10, "val": 6}, {"train": 6, "val": 4, "gap": 6}):
-        module = make_module(bert_dir, cache, text_precision="fp32")
-        data = FoldData(sizes)
+        module = make_module(bert_dir, text_precision="fp32")
+        data = FoldData(cache, sizes)
         trainer(fast_dev_run=1).fit(module, datamodule=data)
         assert len(list(cache.iterdir())) == 1
-        assert set(module.frozen_text_vectors) == {"train", "val"}
         for split in ("train", "val"):
-            batch = {"row": torch.arange(sizes[split])}
-            torch.testing.assert_close(module.text_vectors(batch, split), encoder.encode(*data.texts(split)),
-                                       atol=1e-5, rtol=1e-5)
+            vectors = torch.cat([batch["text"] for batch in data.loader(split)])
+            torch.testing.assert_close(vectors, encoder.encode(*data.texts(split)), atol=1e-5, rtol=1e-5)
 
 
 def test_masked_fields_are_unknown_to_the_tower_during_alignment(bert_dir, tmp_path):
-    module = make_module(bert_dir, tmp_path / "cache", masked_fields=("user_id", "history")).eval()
+    module = make_module(bert_dir, masked_fields=("user_id", "history")).eval()
     batch = synthetic_batch(ENTITY_SPEC, 8, seed=0)
     history = batch["history"]  # other items at the same positions
     other = {**batch, "user_id": batch["user_id"].flip(0), "history": torch.where(history > 0, 20 - history, 0)}
     with torch.no_grad():
-        tab = module.tab_proj(module.tower({**batch, "user_id": batch["user_id"].clamp(max=1),
-                                           "history": batch["history"].clamp(max=1)}))
-    module.text_vectors = lambda batch, split: torch.zeros(len(batch["row"]), 16)
+        tab = module.heads.tab_proj(module.tower({**batch, "user_id": batch["user_id"].clamp(max=1),
+                                                 "history": batch["history"].clamp(max=1)}))
+    batch["text"] = other["text"] = torch.zeros(len(batch["row"]), 16)
     with torch.no_grad():
-        torch.testing.assert_close(module.embed(batch, "train")[0], module.embed(other, "train")[0])
-        torch.testing.assert_close(module.embed(batch, "train")[0], tab)
+        torch.testing.assert_close(module.embed(batch)[0], module.embed(other)[0])
+        torch.testing.assert_close(module.embed(batch)[0], tab)
     for bad in ("age", "zip"):  # numeric, absent
         with pytest.raises(ValueError, match=f"masked_fields \\['{bad}'\\]"):
-            make_module(bert_dir, tmp_path / "cache", masked_fields=(bad,))
+            make_module(bert_dir, masked_fields=(bad,))
 
 
 def test_transfer_probe_logs_a_linear_probe_auc_per_epoch_and_changes_no_training(bert_dir, tmp_path):
     weights = []
     for callbacks in ([], [TransferProbe(steps=20)]):
-        module = make_module(bert_dir, tmp_path / "cache")
+        module = make_module(bert_dir)
         pl.seed_everything(0)
-        trainer(max_epochs=2, callbacks=callbacks, deterministic=True).fit(module, datamodule=TextData(rows=32))
+        data = TextData(tmp_path / "cache", rows=32)
+        trainer(max_epochs=2, callbacks=callbacks, deterministic=True).fit(module, datamodule=data)
         weights.append(module.tower.state_dict())
     assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
     history = callbacks[0].history
@@ -225,29 +219,31 @@ def test_transfer_probe_auc_on_separable_and_on_noise_features():
 
 def test_entity_text_needs_a_frozen_tower_and_an_item_field(bert_dir, tmp_path):
     with pytest.raises(ValueError, match="frozen language tower"):
-        make_module(bert_dir, tmp_path, text_granularity="entity", trainable_layers=1)
+        make_module(bert_dir, text_granularity="entity", trainable_layers=1)
     with pytest.raises(ValueError, match="item id field"):
         AlignmentModule(synthetic_spec().to_dict(), TOWER, language_model=str(bert_dir), text_granularity="entity")
 
 
 def test_trainable_top_layer_trains_only_that_layer(bert_dir, tmp_path):
-    module = make_module(bert_dir, tmp_path / "cache", trainable_layers=1, lr=1e-2, warmup_steps=0)
+    module = make_module(bert_dir, trainable_layers=1, lr=1e-2, warmup_steps=0)
     blocks = module.language.transformer_blocks()
     bottom, top = copy.deepcopy(blocks[0].state_dict()), copy.deepcopy(blocks[1].state_dict())
-    trainer(fast_dev_run=1).fit(module, datamodule=TextData())
+    trainer(fast_dev_run=1).fit(module, datamodule=TextData(tmp_path / "cache"))
     assert all(torch.equal(v, blocks[0].state_dict()[k]) for k, v in bottom.items())
     assert any(not torch.equal(v, blocks[1].state_dict()[k]) for k, v in top.items())
     assert not (tmp_path / "cache").exists()  # nothing cached for a trainable tower
 
 
 def test_checkpoint_holds_tower_for_stage_2_and_maps_but_no_language_model(bert_dir, tmp_path):
-    module = make_module(bert_dir, tmp_path / "cache")
+    module = make_module(bert_dir)
     run = trainer(max_steps=1, limit_val_batches=0)
-    run.fit(module, datamodule=TextData())
+    run.fit(module, datamodule=TextData(tmp_path / "cache"))
     run.save_checkpoint(tmp_path / "align.ckpt")
     checkpoint = torch.load(tmp_path / "align.ckpt", weights_only=True)
     state = checkpoint["state_dict"]
-    assert {k.split(".")[0] for k in state} == {"tower", "tab_proj", "text_proj", "tab_subspaces", "text_subspaces"}
+    assert {k.split(".")[0] for k in state} == {"tower", "heads"}
+    assert {k.split(".")[1] for k in state if k.startswith("heads.")} == {"tab_proj", "text_proj", "tab_subspaces",
+                                                                         "text_subspaces"}
     hparams = checkpoint["hyper_parameters"]
     assert hparams["temperature"] == 0.7 and checkpoint["stage"] == 1
     assert hparams["backbone"]["class_path"] == "towers.collaborative.DeepFM"  # the config, not a pickled class
@@ -259,7 +255,7 @@ def test_checkpoint_holds_tower_for_stage_2_and_maps_but_no_language_model(bert_
 
 
 def test_learning_rate_warms_up_linearly_from_1e_5(bert_dir, tmp_path):
-    module = make_module(bert_dir, tmp_path / "cache", lr=1e-3, warmup_steps=4)
+    module = make_module(bert_dir, lr=1e-3, warmup_steps=4)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert config["lr_scheduler"]["interval"] == "step"
@@ -274,8 +270,8 @@ def test_learning_rate_warms_up_linearly_from_1e_5(bert_dir, tmp_path):
 
 def test_a_short_fit_aligns_rows_with_their_texts(bert_dir, tmp_path):
     """32 rows, one full batch per step: in-batch text -> row retrieval goes from chance to most rows."""
-    data = TextData(rows=32, batch_size=32)
-    module = make_module(bert_dir, tmp_path / "cache", lr=1e-2, warmup_steps=0)
+    data = TextData(tmp_path / "cache", rows=32, batch_size=32)
+    module = make_module(bert_dir, lr=1e-2, warmup_steps=0)
     # inference_mode off: metric states reset under inference mode cannot be updated by fit's validation
     (before,) = trainer(inference_mode=False).validate(module, datamodule=data, verbose=False)
     run = trainer(max_epochs=100, check_val_every_n_epoch=100)
@@ -294,16 +290,16 @@ class OneGradientStep(AlignmentModule):
 def test_ddp_two_processes_equal_one_process_on_the_global_batch(bert_dir, tmp_path):
     """Two gloo processes with 8 rows each (negatives gathered across them) give the same loss and the same
     gradient step as one process with all 16 rows."""
-    initial = make_module(bert_dir, tmp_path / "cache", cls=OneGradientStep)
+    initial = make_module(bert_dir, cls=OneGradientStep)
     results = {}
     for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
         module = copy.deepcopy(initial)
         run = trainer(devices=devices, strategy=strategy, max_steps=1, limit_val_batches=0)
-        run.fit(module, datamodule=TextData(rows=16, batch_size=16 // devices))
+        run.fit(module, datamodule=TextData(tmp_path / "cache", rows=16, batch_size=16 // devices))
         results[devices] = (run.callback_metrics["train/loss"], module.state_dict())
     (loss_one, weights_one), (loss_two, weights_two) = results[1], results[2]
     assert loss_two.item() == pytest.approx(loss_one.item(), abs=1e-6)
-    assert not torch.equal(weights_one["tab_proj.weight"], initial.state_dict()["tab_proj.weight"])
+    assert not torch.equal(weights_one["heads.tab_proj.weight"], initial.state_dict()["heads.tab_proj.weight"])
     torch.testing.assert_close(weights_two, weights_one, rtol=0, atol=1e-6)
 
 
@@ -324,7 +320,7 @@ def test_stage1_base_and_overlay_fast_dev_run_per_backbone(bert_dir, tmp_path, s
     cli = lightning_cli([
         "--config", str(CONFIGS / "align.yaml"), "--config", str(CONFIGS / "align" / f"{backbone}.yaml"),
         "--data.data_dir", str(small_ml1m), "--data.cache_dir", str(tmp_path / "cache"),
-        "--model.init_args.language_model", bert_dir, "--model.init_args.text_cache_dir", str(tmp_path / "vectors"),
+        "--model.init_args.language_model", bert_dir, "--data.text_cache_dir", str(tmp_path / "vectors"),
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.fast_dev_run", "2",
         "--data.batch_size", "64"], run=False)
     assert type(cli.model.tower) is BACKBONES[backbone]

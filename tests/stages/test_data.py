@@ -129,6 +129,38 @@ def test_datamodule_batches_follow_the_contract(ml100k, cache):
     assert "who has recently" not in profile and first[row].startswith(profile.removesuffix("."))
 
 
+def test_the_data_module_serves_each_batch_its_text(bert_dir, tmp_path):
+    """serve_text: a frozen encoder's cached vectors of the batch's own rows, or a trainable tower's token ids,
+    next to the features. Without it (stage 2) batches carry no text, and test batches never do."""
+    from helpers import write_small_ml1m
+
+    from towers.encoder import FrozenEncoder
+    from towers.language import LanguageTower
+
+    dm = CTRDataModule(str(write_small_ml1m(tmp_path / "ml-1m")), batch_size=32, cache_dir=str(tmp_path / "cache"))
+    assert "text" not in next(iter(dm.train_dataloader()))
+    tower = LanguageTower(bert_dir)
+    dm.serve_text(encoder=FrozenEncoder(tower, precision="fp32"))
+    assert len(list((tmp_path / "cache" / "text-vectors").iterdir())) == 1  # one entry: every row before test
+    reference = FrozenEncoder(LanguageTower(bert_dir), precision="fp32")
+    for split, loader in (("train", dm.train_dataloader()), ("val", dm.val_dataloader())):
+        batch = next(iter(loader))
+        users, items = dm.texts(split)
+        rows = batch["row"].tolist()
+        torch.testing.assert_close(batch["text"], reference.encode([users[i] for i in rows], [items[i] for i in rows]),
+                                   atol=1e-5, rtol=1e-5)
+    assert "text" not in next(iter(dm.test_dataloader()))
+    dm.serve_text(tokenize=tower.tokenize)
+    batch = next(iter(dm.val_dataloader()))
+    users, items = dm.texts("val")
+    expected = tower.tokenize([users[i] for i in batch["row"].tolist()], [items[i] for i in batch["row"].tolist()])
+    assert torch.equal(batch["text"]["input_ids"], expected["input_ids"])
+    with pytest.raises(ValueError, match="an encoder .* or tokenize"):
+        dm.serve_text()
+    with pytest.raises(ValueError, match="unknown text granularity 'user'"):
+        dm.serve_text(encoder=reference, granularity="user")
+
+
 def test_rendering_once_per_entity_equals_rendering_every_row(ml100k, cache):
     """prepare renders each distinct user and item once and only the behavior phrase per row; that must give
     exactly the text of TextRenderer.render on every row (ML-100K train and the generic shop data)."""

@@ -90,8 +90,7 @@ def data(tmp_path_factory, bert_dir):
 def test_fit_killed_mid_epoch_and_resumed_from_last_equals_the_uninterrupted_fit(stage, data, bert_dir, tmp_path,
                                                                                  monkeypatch):
     monkeypatch.setenv("CTRL_CACHE_DIR", str(data.parent / "cache"))
-    extra = {"language_model": bert_dir, "text_cache_dir": str(data.parent / "text-vectors"),
-             "warmup_steps": 5} if stage == "align" else {}
+    extra = {"language_model": bert_dir, "warmup_steps": 5} if stage == "align" else {}
     source = CONFIGS / f"{stage}.yaml"
     straight = resumable_config(source, tmp_path / "straight.yaml", tmp_path / "straight", **extra)
     interrupted = resumable_config(source, tmp_path / "interrupted.yaml", tmp_path / "interrupted", **extra)

@@ -10,9 +10,10 @@ import torch.multiprocessing as mp
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import BertConfig, BertModel, BertTokenizer, GPT2Config, GPT2Model, GPT2Tokenizer
 
-import towers.text_cache as text_cache
+import towers.encoder as encoder_module
+from tabular2text.text_vectors import TextVectorCache, shard_bounds, texts_key
+from towers.encoder import FrozenEncoder, native_bf16, resolve_precision
 from towers.language import LanguageTower, pool
-from towers.text_cache import FrozenEncoder, TextVectorCache, native_bf16, resolve_precision, shard_bounds, texts_key
 
 WORDS = ["this", "is", "a", "user", "movie", "gender", "female", "male", "age", "occupation", "doctor", "who", "has",
          "recently", "watched", "titanic", "avatar", "title", "the", "terminator", "genre", "sci", "fi", "comedy",
@@ -161,7 +162,7 @@ def test_bf16_weights_stay_close_to_fp32_and_auto_follows_the_device(bert_dir):
 
 def test_encoder_is_fingerprinted_once_in_fp32_and_refuses_a_trainable_tower(bert_dir, monkeypatch):
     calls = []
-    monkeypatch.setattr(text_cache, "model_fingerprint", lambda t: calls.append(t) or "m")
+    monkeypatch.setattr(encoder_module, "model_fingerprint", lambda t: calls.append(t) or "m")
     enc = encoder(bert_dir, precision="bf16")
     enc.encode([USER]), enc.encode([ITEM])
     assert len(calls) == 1

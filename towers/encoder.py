@@ -1,0 +1,170 @@
+"""A frozen language tower prepared for bulk encoding: loaded once, fingerprinted once, on one device (the
+trainer's accelerator, or the CPU) in one precision.
+
+`FrozenEncoder` satisfies the data side's `tabular2text.text_vectors.TextEncoder`: the data module hands it
+the distinct texts to encode into its on-disk cache. Encoding streams: texts are tokenized chunk by chunk
+(the next chunk on a thread while the model runs on this one) and each chunk's vectors go straight into the
+array it is given, e.g. a memory-mapped file, so memory does not grow with the number of texts. The
+fingerprint covers everything the vectors depend on: the model's config and weights, the tokenizer,
+pooling, max_length and precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from towers.language import LanguageTower
+
+CACHE_VERSION = 2  # bump when tokenization, pooling or the file layout change what a key stands for
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively (CUDA with bf16; a CPU with AMX or AVX512-BF16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: be conservative, fp32 is never wrong
+            return False
+        return " amx_bf16" in flags or " avx512_bf16" in flags
+    return False
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
+    """"auto": bf16 weights where the device has native bf16 (cosine >= 0.9999 to fp32, about 3x faster on
+    an AMX CPU; benchmarks/encode_speed.md), fp32 elsewhere, where emulated bf16 would be slower."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"unknown text precision {precision!r}; use auto, fp32 or bf16")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def model_fingerprint(tower: LanguageTower) -> str:
+    """sha256 of the model class, its config (without its path) and every weight and buffer."""
+    config = tower.model.config.to_dict()
+    config.pop("_name_or_path", None)  # the same model moved to another folder is the same model
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    h = hashlib.sha256(type(tower.model).__name__.encode())
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in tower.model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tower: LanguageTower) -> str:
+    """sha256 of the files the tokenizer saves (vocabulary, merges, normalisation, special tokens, sides)."""
+    h = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp:
+        tower.tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).rglob("*")):
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            if path.name == "tokenizer.json":
+                # The backend records the padding/truncation of its last call; that is state, not identity.
+                backend = json.loads(data)
+                backend["padding"] = backend["truncation"] = None
+                data = json.dumps(backend, sort_keys=True).encode()
+            h.update(path.relative_to(tmp).as_posix().encode() + b"\0")
+            h.update(data)
+    return h.hexdigest()
+
+
+class FrozenEncoder:
+    """A frozen language tower prepared for bulk encoding on one device in one precision.
+
+    Args:
+        tower: a frozen language tower (trainable_layers=0); it is fingerprinted in fp32, then moved.
+        device: where the forward passes run, e.g. the trainer's root device.
+        precision: "auto" (bf16 weights where the device has native bf16, else fp32), "fp32" or "bf16".
+        batch_size: texts per forward pass (64 measured fastest on a 2-core AMX CPU).
+        chunk_size: texts tokenized at once; bounds the memory of the token ids.
+        pad_multiple: each batch is padded to a multiple of this many tokens: fewer distinct shapes for
+            the kernels to prepare, at little padding.
+
+    Attributes:
+        fingerprint: sha256 of the model, tokenizer, pooling, max_length and precision; computed once.
+        output_dim: H, the width of the vectors.
+    """
+
+    def __init__(self, tower: LanguageTower, device: torch.device | str = "cpu", precision: Precision = "auto",
+                 batch_size: int = 64, chunk_size: int = 4096, pad_multiple: int = 16) -> None:
+        if tower.trainable:
+            raise ValueError("only a frozen language tower's vectors can be cached; use trainable_layers=0")
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.batch_size, self.chunk_size, self.pad_multiple = batch_size, chunk_size, pad_multiple
+        settings = {"version": CACHE_VERSION, "pooling": tower.pooling, "max_length": tower.max_length,
+                    "precision": self.precision}
+        h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        h.update(model_fingerprint(tower).encode())  # of the fp32 weights as loaded, before any cast
+        h.update(tokenizer_fingerprint(tower).encode())
+        self.fingerprint = h.hexdigest()
+        self.tower = tower.eval().to(self.device, torch.bfloat16 if self.precision == "bf16" else torch.float32)
+        self.output_dim: int = tower.output_dim
+
+    def _tokenized_chunks(self, first: Sequence[str], second: Sequence[str] | None) -> Iterator[dict]:
+        """Token ids of consecutive chunks; the next chunk is tokenized on a thread while this one encodes."""
+        def tokenize(start: int) -> dict:
+            stop = start + self.chunk_size
+            return dict(self.tower.tokenize(list(first[start:stop]),
+                                            None if second is None else list(second[start:stop])))
+
+        starts = range(0, len(first), self.chunk_size)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(tokenize, starts[0]) if starts else None
+            for i in range(len(starts)):
+                enc = pending.result()
+                pending = pool.submit(tokenize, starts[i + 1]) if i + 1 < len(starts) else None
+                yield enc
+
+    def encode_into(self, out: np.ndarray, first: Sequence[str], second: Sequence[str] | None = None,
+                    progress: bool = True) -> None:
+        """Write the N x H float32 vectors of N texts (or pairs) into `out`, in input order.
+
+        Args:
+            out: an N x H float32 array, e.g. a memory-mapped file.
+            first: N user sentences (or whole texts when `second` is None).
+            second: N item sentences, or None.
+            progress: show a progress bar.
+        """
+        n = len(first)
+        with torch.inference_mode(), tqdm(total=n, unit="text", desc="encoding texts", disable=not progress) as bar:
+            for chunk, enc in enumerate(self._tokenized_chunks(first, second)):
+                lengths = enc["attention_mask"].sum(1)
+                # Longest first: similar lengths share a batch, so little compute goes to padding.
+                order = torch.argsort(lengths, descending=True, stable=True)
+                base = chunk * self.chunk_size
+                for start in range(0, len(order), self.batch_size):
+                    rows = order[start:start + self.batch_size]
+                    width = -(-int(lengths[rows].max()) // self.pad_multiple) * self.pad_multiple
+                    batch = {k: v[rows, :width].to(self.device) for k, v in enc.items()}
+                    vectors = self.tower(**batch).float().cpu().numpy()
+                    out[(base + rows).numpy()] = vectors
+                    bar.update(len(rows))
+
+    def encode(self, first: Sequence[str], second: Sequence[str] | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """N x H float32 vectors of N texts (or pairs), in memory."""
+        out = np.empty((len(first), self.output_dim), dtype=np.float32)
+        self.encode_into(out, first, second, progress)
+        return torch.from_numpy(out)
