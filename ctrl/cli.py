@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from jsonargparse import CLI
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from ctrl.bench import bench
 from ctrl.lightning import lightning_cli
@@ -35,8 +37,9 @@ from tabular2text.datamodule import CTRDataModule
 from tabular2text.sources import DataError
 
 
-def prepare(*, data_dir: str, download: bool = False, history_length: int = 10,
-            template: str | dict[str, str] = "natural", cache_dir: str | None = None, show: int = 3) -> None:
+def prepare(*, data_dir: str, download: bool = False, history_length: PositiveInt = 10,
+            template: str | dict[str, str] = "natural", cache_dir: str | None = None, show: NonNegativeInt = 3
+            ) -> None:
     """Prepare a data set once (cached by fingerprint) and summarise it.
 
     Args:
@@ -81,7 +84,7 @@ def export(*, ckpt_path: str, out: str) -> None:
     print(f"exported: {export_checkpoint(ckpt_path, out)}")
 
 
-def score(*, model: str, rows: str, out: str = "scores.parquet", batch_size: int = 4096) -> None:
+def score(*, model: str, rows: str, out: str = "scores.parquet", batch_size: PositiveInt = 4096) -> None:
     """Score new rows with a trained model: the rows' user and item ids, `probability`, and `label` when the
     rows carry the training label's column.
 
@@ -94,7 +97,7 @@ def score(*, model: str, rows: str, out: str = "scores.parquet", batch_size: int
     if Path(model).is_dir():
         scorer = load_scorer(model, batch_size)
     else:
-        module = load_stage2(model, "score")
+        module = load_stage2(model, "score", "--model")
         scorer = Scorer(module.model, module.spec, batch_size)
     scores = score_file(scorer, rows, out)
     print(f"scored {len(scores)} rows -> {out}")
@@ -116,11 +119,15 @@ def main(args: list[str] | None = None) -> None:
             CLI(COMMANDS, args=argv)
         else:
             lightning_cli(args)
-    except Exception as e:
+    except Exception as e:  # the one error boundary: a line, never a traceback (CTRL_DEBUG=1 shows it)
         problem = user_error(e)
-        if problem is None:
+        if problem is None and os.environ.get("CTRL_DEBUG"):
             raise
-        print(f"error: {problem}", file=sys.stderr)
+        if problem is None:
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            problem = (f"unexpected {type(e).__name__} at {Path(where.filename).name}:{where.lineno}: {e}. If the"
+                       " input looks right, rerun with CTRL_DEBUG=1 and report the traceback")
+        print("error: " + " ".join(str(problem).split()), file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         finish_wandb()

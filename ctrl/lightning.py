@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from pytorch_lightning import Callback
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
-from finetune.guards import STAGE_NAMES, CheckpointError, checkpoint_stage, read_checkpoint
+from finetune.guards import STAGE_NAMES, CheckpointError, ConfigError, checkpoint_stage, read_checkpoint
+from tabular2text.atomic import process_alive
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.schema import FeatureSpec
 
@@ -64,6 +67,34 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
                 logger.log_hyperparams({"config": config})
 
 
+def refuse_a_used_checkpoint_folder(folder: Path) -> None:
+    """One fit, one folder: a second fit into a folder that holds checkpoints would write best-v1.ckpt beside
+    the first fit's best.ckpt, and `--ckpt_path .../best.ckpt` would then load the first fit's model."""
+    used = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+    if used:
+        raise ConfigError(f"{folder} already holds the checkpoints of an earlier fit ({', '.join(used[:3])}); pass"
+                          " another --trainer.default_root_dir (ctrl run: --out), remove that folder, or resume"
+                          " the earlier fit with --ckpt_path last")
+
+
+def lock_run_folder(folder: Path) -> None:
+    """Two fits writing into one folder at once would interleave their files: a fit holds `.fit.lock` (its
+    process id) until it exits; a lock whose process no longer runs is taken over."""
+    if int(os.environ.get("LOCAL_RANK", 0)) or int(os.environ.get("NODE_RANK", 0)):
+        return  # DDP's other ranks belong to rank 0's run
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".fit.lock"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        holder = lock.read_text().strip()
+        if holder.isdigit() and int(holder) != os.getpid() and process_alive(int(holder)):
+            raise ConfigError(f"{folder} is in use by another fit (process {holder}); pass another"
+                              " --trainer.default_root_dir (ctrl run: --out) or wait for it to end") from None
+    lock.write_text(str(os.getpid()))
+    atexit.register(lock.unlink, missing_ok=True)
+
+
 class CTRLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The model gets vocabularies and field kinds from the prepared data, never from repeated YAML.
@@ -77,10 +108,22 @@ class CTRLCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
         ckpt_path = config.get("ckpt_path") if config else None
-        if ckpt_path == "last":
+        if subcommand == "fit":
+            root = Path(config.trainer.default_root_dir or ".")
+            lock_run_folder(root)
+            if not ckpt_path:
+                refuse_a_used_checkpoint_folder(root / "checkpoints")
+        if ckpt_path in ("best", "hpc", "registry"):
+            return  # Lightning's own names
+        if ckpt_path == "last":  # Lightning starts afresh when a fit was killed before its first checkpoint
             ckpt_path = Path(config.trainer.default_root_dir or ".") / "checkpoints" / "last.ckpt"
-        if not ckpt_path or not Path(ckpt_path).is_file():
+            if not ckpt_path.is_file():
+                return
+        if not ckpt_path:
             return
+        if not Path(ckpt_path).is_file():
+            raise CheckpointError(f"--ckpt_path: no checkpoint at {ckpt_path}; pass a .ckpt file of `ctrl fit`"
+                                  " (e.g. <default_root_dir>/checkpoints/best.ckpt) or `last`")
         ckpt = read_checkpoint(Path(ckpt_path), "--ckpt_path")
         if not isinstance(ckpt, dict):
             return  # the stage's own guard names what is wrong with it
@@ -105,6 +148,8 @@ class CTRLCLI(LightningCLI):
         for callback in self.trainer.checkpoint_callbacks:
             if callback.dirpath is None:
                 callback.dirpath = os.path.realpath(os.path.join(self.trainer.default_root_dir, "checkpoints"))
+        if self.subcommand == "fit" and self.trainer.checkpoint_callbacks and self.trainer.is_global_zero:
+            print(f"checkpoints: {self.trainer.checkpoint_callbacks[0].dirpath}", file=sys.stderr)
         # Before the checkpoint callbacks, which Lightning keeps last.
         self.trainer.callbacks[:0] = [RandomState(), WandbRunId()]
 

@@ -28,7 +28,7 @@ from ctrl.heads import AlignmentHeads
 from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
 from finetune.guards import check_resumed_checkpoint, require_finite
 from tabular2text.schema import OOV, FeatureSpec
-from towers.collaborative import CollaborativeTower, backbone_config
+from towers.collaborative import CollaborativeTower, backbone_config, make_tower
 from towers.encoder import FrozenEncoder, Precision
 from towers.language import LanguageTower, Pooling, model_config
 
@@ -103,7 +103,7 @@ class AlignmentModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.hparams.backbone = backbone_config(backbone)  # what rebuilds the tower (load_from_checkpoint, export)
         spec = FeatureSpec.from_dict(feature_spec)
-        self.tower = backbone(spec)
+        self.tower = make_tower(backbone, spec)
         if text_granularity not in ("row", "entity"):
             raise ValueError(f"unknown text_granularity {text_granularity!r}; use row or entity")
         if text_granularity == "entity" and trainable_layers != 0:

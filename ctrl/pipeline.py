@@ -6,6 +6,7 @@ them, passes the stage-1 checkpoint to stage 2 (`init_from`) and times the phase
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -17,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import PositiveInt
 from pytorch_lightning.cli import LightningCLI
-from torchmetrics.functional.classification import binary_auroc
 
 from ctrl.lightning import lightning_cli
 from finetune.export import load_scorer
 from finetune.guards import ConfigError
-from finetune.module import ExportBest
+from finetune.module import DefinedAUROC, ExportBest
 from tabular2text.prepare import labelled_splits
 from tabular2text.sources import read_table
 
@@ -153,11 +153,14 @@ def run(*, backbone: str = "dcn", config_dir: str = "configs/ml100k", baseline: 
         test_rows = labelled_splits(read_table(Path(stage2.datamodule.hparams.data_dir)))["test"]
         probs = torch.as_tensor(load_scorer(export_dir)(test_rows))
         labels = torch.tensor(test_rows["label"].to_numpy(), dtype=torch.float32)
-        exported = {"auc": float(binary_auroc(probs, labels.long())),
+        auc = DefinedAUROC()
+        auc.update(probs, labels.long())
+        exported = {"auc": float(auc.compute()),
                     "logloss": float(F.binary_cross_entropy(probs.double(), labels.double()))}
 
     print(f"\nexported model: {export_dir}")
-    print(f"test AUC {exported['auc']:.4f}  logloss {exported['logloss']:.4f}  (exported model, "
+    shown = "undefined (the test rows hold one class)" if math.isnan(exported["auc"]) else f"{exported['auc']:.4f}"
+    print(f"test AUC {shown}  logloss {exported['logloss']:.4f}  (exported model, "
           f"{len(test_rows)} raw test rows)")
     print(f"trainer test: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}")
     print("\nwall time per phase:")

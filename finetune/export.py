@@ -13,7 +13,6 @@ Loading needs torch, pandas and this package only: no Lightning, no transformers
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -23,19 +22,15 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from tabular2text.atomic import atomic_path
+from tabular2text.atomic import atomic_path, file_sha256
 from tabular2text.encode import encode_column, frame_to_tensors
 from tabular2text.schema import FeatureSpec, vocab_key
-from tabular2text.sources import DataError
+from tabular2text.sources import DataError, out_of_range
 from towers.collaborative import BACKBONES, CTRModel, build_backbone
 
 EXPORT_FORMAT = "ctrl-rec/collaborative-model"
 EXPORT_VERSION = 2  # 1: the backbone by its towers.BACKBONES name
 FILES = ("weights.safetensors", "feature_spec.json", "model.pt2", "model.onnx")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_model(model: CTRModel, spec: FeatureSpec, backbone: dict | None, out_dir: str | Path) -> Path:
@@ -56,7 +51,7 @@ def export_model(model: CTRModel, spec: FeatureSpec, backbone: dict | None, out_
         torch.export.save(program, tmp / "model.pt2")
         export_onnx(program, list(example), tmp / "model.onnx")
         meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "backbone": backbone,
-                "sha256": {f: sha256(tmp / f) for f in FILES}}
+                "sha256": {f: file_sha256(tmp / f) for f in FILES}}
         (tmp / "model.json").write_text(json.dumps(meta, indent=1))
     return out
 
@@ -85,10 +80,15 @@ def load_model(export_dir: str | Path) -> tuple[CTRModel, FeatureSpec]:
         raise ValueError(f"{meta_path}: unreadable ({e}); export the model again") from e
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{meta_path}: not a ctrl-rec collaborative-model export")
-    for name, digest in meta["sha256"].items():
+    checksums = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
+    unchecked = [f for f in ("weights.safetensors", "feature_spec.json") if f not in checksums]
+    if unchecked:  # an edited model.json must not turn verification off
+        raise ValueError(f"{meta_path}: no checksum for {', '.join(unchecked)}; the export was modified, export the"
+                         " model again")
+    for name, digest in checksums.items():
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d / name} is missing: the export is incomplete; export the model again")
-        if sha256(d / name) != digest:
+        if file_sha256(d / name) != digest:
             raise ValueError(f"{d / name} does not match its checksum in model.json (truncated or modified);"
                              " export the model again")
     backbone = meta["backbone"]
@@ -146,6 +146,12 @@ def encode_rows(rows: pd.DataFrame, spec: FeatureSpec, where: str = "rows") -> p
                 i = first_bad(bad)
                 raise DataError(f"{where}: row {i + 1}, column {f.name!r}: {values.iloc[i]!r} is not a number; fix it"
                                 " or leave it empty (an empty value is scored as missing: the train mean)")
+            bad = out_of_range(numbers)
+            if bad.any():
+                i = first_bad(bad)
+                shown = values.iloc[i].item() if isinstance(values.iloc[i], np.generic) else values.iloc[i]
+                raise DataError(f"{where}: row {i + 1}, column {f.name!r}: {shown!r} is out of range (finite,"
+                                " at most 2^53 in size, as in training); fix it or leave it empty")
             values = numbers
         encoded[f.name] = encode_column(values, f, spec)
     return pd.DataFrame(encoded, index=rows.index)
@@ -164,6 +170,12 @@ class Scorer:
         self.model, self.spec, self.batch_size = model.eval(), spec, batch_size
 
     def __call__(self, rows: pd.DataFrame, where: str = "rows") -> np.ndarray:
+        """A column of the model's features that `rows` lacks counts as missing values (a new user's row may
+        come without a user id); rows that share no column with the model are refused: nothing to score on."""
+        if not set(self.spec.names) & set(rows.columns):
+            raise DataError(f"{where}: none of its columns ({', '.join(map(str, rows.columns[:10])) or 'none'}) is a"
+                            f" feature of the model ({', '.join(self.spec.names[:10])}); name the columns as in the"
+                            " training data")
         tensors = frame_to_tensors(encode_rows(rows.reset_index(drop=True), self.spec, where), self.spec)
         out = []
         with torch.inference_mode():

@@ -17,9 +17,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
+from torchmetrics.utilities import dim_zero_cat
 
 from finetune.export import export_model
 from finetune.guards import (
@@ -31,7 +32,7 @@ from finetune.guards import (
     spec_mismatch,
 )
 from tabular2text.schema import OOV, FeatureSpec
-from towers.collaborative import CollaborativeTower, CTRModel, backbone_config
+from towers.collaborative import CollaborativeTower, CTRModel, backbone_config, make_tower
 
 Batch = dict[str, torch.Tensor]
 # test_cold: test rows whose user or item never appears in train (their id is out-of-vocabulary).
@@ -62,6 +63,17 @@ def load_aligned_tower(path: str | Path, tower: CollaborativeTower, spec: Featur
     except RuntimeError as e:
         raise CheckpointError(f"init_from: {path} holds a different backbone or backbone settings than this"
                               f" config ({str(e).splitlines()[0]}); use the same backbone in both stages") from e
+
+
+class DefinedAUROC(BinaryAUROC):
+    """torchmetrics' AUC, except that an epoch whose labels are all one class gives NaN (undefined), not the
+    0.0 torchmetrics returns: "test AUC 0.0000" of a one-class slice would read as a real, terrible score."""
+
+    def compute(self) -> Tensor:
+        target = dim_zero_cat(self.target) if self.target else torch.zeros(0)
+        if target.numel() == 0 or bool(target.min() == target.max()):
+            return torch.tensor(float("nan"))
+        return super().compute()
 
 
 class CTRModule(pl.LightningModule):
@@ -102,8 +114,8 @@ class CTRModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.hparams.backbone = backbone_config(backbone)  # what rebuilds the tower (load_from_checkpoint, export)
         self.spec = FeatureSpec.from_dict(feature_spec)
-        self.model = CTRModel(backbone(self.spec))
-        self.auc = nn.ModuleDict({s: BinaryAUROC() for s in EVAL_SLICES})
+        self.model = CTRModel(make_tower(backbone, self.spec))
+        self.auc = nn.ModuleDict({s: DefinedAUROC() for s in EVAL_SLICES})
         self.logloss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SLICES})
         self.anchor: dict[str, torch.Tensor] = {}  # the aligned start of the proximal term (not saved)
 
@@ -190,11 +202,11 @@ class CTRModule(pl.LightningModule):
         return torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
 
 
-def load_stage2(ckpt_path: str | Path, what: str = "export") -> CTRModule:
+def load_stage2(ckpt_path: str | Path, what: str = "export", option: str = "--ckpt_path") -> CTRModule:
     """The CTRModule of a stage-2 checkpoint (of `ctrl fit` with a finetune config); a stage-1 checkpoint or
-    another file is refused with a CheckpointError saying what to pass."""
+    another file is refused with a CheckpointError saying what to pass (`option` names where it came from)."""
     path = Path(ckpt_path)
-    stage = checkpoint_stage(read_checkpoint(path, "--ckpt_path"))
+    stage = checkpoint_stage(read_checkpoint(path, option))
     if stage != 2:
         kind = "a stage-1 (alignment) checkpoint" if stage == 1 else "not a ctrl-rec checkpoint"
         raise CheckpointError(f"{path} is {kind}; {what} takes a stage-2 checkpoint: fine-tune first"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import shutil
 import tempfile
@@ -23,7 +25,8 @@ def atomic_path(path: str | Path, *, directory: bool = False, replace: bool = Tr
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix, suffix = f".{path.name}.", ".tmp"
+    remove_abandoned(path)
+    prefix, suffix = f".{path.name}.{os.getpid()}-", ".tmp"
     if directory:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
     else:
@@ -54,6 +57,36 @@ def atomic_path(path: str | Path, *, directory: bool = False, replace: bool = Tr
             tmp.unlink(missing_ok=True)
 
 
+def remove_abandoned(path: Path) -> None:
+    """Remove the temporary siblings of `path` that a killed writer left: their name carries the writer's
+    process id, and that process no longer runs on this machine."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*-*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()

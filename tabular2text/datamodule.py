@@ -19,6 +19,7 @@ from tabular2text.download import ensure_movielens_100k
 from tabular2text.encode import frame_to_tensors
 from tabular2text.prepare import SPLITS, default_cache_dir, prepare
 from tabular2text.schema import FeatureSpec
+from tabular2text.sources import DataError
 from tabular2text.text_vectors import FrozenText, TextEncoder, TextVectorCache, Tokenize, TokenizedText, with_text
 
 
@@ -101,6 +102,20 @@ class CTRDataModule(pl.LightningDataModule):
         """The splits before test, in time order: together the same rows in every val_fold, so the text
         vectors of stage 1 are encoded once for all folds."""
         return ("train", "val", "gap") if self.hparams.val_fold else ("train", "val")
+
+    def setup(self, stage: str) -> None:
+        """A fit needs clicks and non-clicks in train and in val: with one class the loss learns a constant
+        and val/auc, which chooses the best checkpoint, is undefined. (A one-class test is reported as an
+        undefined AUC instead.)"""
+        if stage != "fit":
+            return
+        for split in ("train", "val"):
+            labels = self.frame(split)["label"]
+            if labels.nunique() < 2:
+                raise DataError(f"{self.hparams.data_dir}: the {split} split ({len(labels)} rows) holds only label"
+                                f" {int(labels.iloc[0])}: its AUC is undefined and no checkpoint can be chosen on"
+                                " it; the data needs clicks and non-clicks in every time block (more rows, another"
+                                " label rule or another val_fold)")
 
     def frame(self, split: str) -> pd.DataFrame:
         """The prepared split as stored: encoded ids, label, timestamp, user_text, item_text, user_profile_text."""

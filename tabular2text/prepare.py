@@ -14,19 +14,21 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from tabular2text.atomic import atomic_path
+from tabular2text.atomic import atomic_path, file_sha256
 from tabular2text.encode import encode_column, flatten_lists, missing_mask
 from tabular2text.schema import OOV, FeatureSpec
 from tabular2text.sources import DataError, Table, read_table
-from tabular2text.templates import TextRenderer, format_value, is_missing, preset
+from tabular2text.templates import MAX_VALUE_CHARS, TextRenderer, format_value, is_missing, preset
 
-FORMAT_VERSION = 5  # bump when the prepared layout or its semantics change (5: label rule in the spec, "an item")
+FORMAT_VERSION = 6  # bump when the prepared layout or its semantics change (6: checksums in meta.json)
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -155,7 +157,7 @@ def render_texts(frame: pd.DataFrame, table: Table, spec: FeatureSpec, template:
 
         def label(item: object, names: dict = names, labels: dict = labels) -> str | None:
             if item not in labels:
-                name = names.get(item) or item
+                name = names.get(item, item)  # an item with a missing title is left out, not named by id
                 labels[item] = None if is_missing(name) else format_value(name)
             return labels[item]
 
@@ -192,6 +194,18 @@ def item_catalog(table: Table, spec: FeatureSpec, template: str | dict[str, str]
     return pd.DataFrame({"id": ids[known], "item_text": item_texts(items[known], spec, template)})
 
 
+def warn_long_values(table: Table) -> None:
+    """Say which rendered fields hold values longer than a text takes (they are cut to MAX_VALUE_CHARS)."""
+    for f in table.fields:
+        if f.text_name is None or f.name not in table.frame or table.frame[f.name].dtype != object:
+            continue
+        values = table.frame[f.name].drop_duplicates()
+        long = int(values.map(lambda v: isinstance(v, str) and len(v) > MAX_VALUE_CHARS).sum())
+        if long:
+            print(f"warning: {long} distinct value(s) of field {f.name!r} are longer than {MAX_VALUE_CHARS}"
+                  f" characters; their text is cut to the first {MAX_VALUE_CHARS}", file=sys.stderr)
+
+
 def split_frame(frame: pd.DataFrame, name: str, val_fold: int = 0) -> dict[str, pd.DataFrame]:
     """Time-ordered rows -> train / val / test, 8:1:1. With val_fold k > 0 the validation block moves k
     blocks back in time (a rolling-origin fold of the training period): train is everything before it, the
@@ -224,6 +238,18 @@ def labelled_splits(table: Table, val_fold: int = 0) -> dict[str, pd.DataFrame]:
     return split_frame(frame[frame["label"].notna()].reset_index(drop=True), table.name, val_fold)
 
 
+def damaged_file(prepared: Path) -> str | None:
+    """The first file of a prepared result that is missing or differs from its checksum in meta.json."""
+    try:
+        checksums = json.loads((prepared / "meta.json").read_text())["sha256"]
+    except (ValueError, KeyError):
+        return "meta.json"
+    for name, digest in checksums.items():
+        if not (prepared / name).is_file() or file_sha256(prepared / name) != digest:
+            return name
+    return None
+
+
 def prepare(data: str | Path, cache_dir: str | Path | None = None, history_length: int = 10,
             template: str | dict[str, str] = "natural", val_fold: int = 0) -> Path:
     """Prepare `data` (a directory or a schema YAML) once; return the directory holding the result.
@@ -233,18 +259,23 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
     except ValueError as e:
         raise DataError(f"template: {e}") from None
     table = read_table(Path(data).expanduser(), history_length)
+    warn_long_values(table)
     options = {"history_length": history_length, "template": template, "split": SPLIT_FRACTIONS}
     if val_fold:  # absent for fold 0, so caches prepared before folds existed stay valid
         options["val_fold"] = val_fold
     key = fingerprint(table, options)
     out = Path(cache_dir or default_cache_dir()).expanduser() / "prepared" / f"{table.name}-{key[:16]}"
     if (out / "meta.json").is_file():
-        return out
+        damaged = damaged_file(out)
+        if damaged is None:
+            return out
+        warnings.warn(f"prepared data {out}: {damaged} does not match its checksum (truncated or modified);"
+                      " preparing it again", stacklevel=2)
 
     parts = labelled_splits(table, val_fold)
     spec = build_spec(table, parts["train"])
 
-    if out.exists() and not (out / "meta.json").is_file():  # a leftover: results appear complete, by a rename
+    if out.exists():  # a leftover or a damaged result: results appear complete, by a rename
         shutil.rmtree(out)
     # replace=False: a concurrent run (another DDP rank) that finished first wrote the same result
     with atomic_path(out, directory=True, replace=False) as tmp:
@@ -262,7 +293,8 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
         if spec.item_field:
             item_catalog(table, spec, template).to_parquet(tmp / "items.parquet", index=False)
         spec.save(tmp / "feature_spec.json")
-        meta = {"fingerprint": key, "dataset": table.name, "options": options,
+        checksums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+        meta = {"fingerprint": key, "dataset": table.name, "options": options, "sha256": checksums,
                 "sources": [str(p) for p in table.sources], "splits": sizes, "timestamp": table.timestamp,
                 "label": asdict(table.label)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -9,6 +9,7 @@ CSV file plus a YAML schema).
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,8 @@ ML1M_OCCUPATION = dict(enumerate([
     "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer",
     "programmer", "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer",
     "tradesman/craftsman", "unemployed", "writer"]))
+MAX_LINE_CHARS = 1 << 20  # one line of a delimited file
+MOVIELENS_RATINGS = (0.5, 5.0)  # the scale of every MovieLens release (half stars since 10M)
 YEAR_IN_TITLE = re.compile(r"\s*\((\d{4})\)\s*$")
 # MovieLens files titles as "English Patient, The"; a language model reads "The English Patient".
 TRAILING_ARTICLE = re.compile(r"^(?P<title>.+), (?P<article>The|A|An)(?P<alt> \(.*\))?$")
@@ -108,75 +111,153 @@ def split_title(title: str) -> tuple[str, str | None]:
     return title, year
 
 
-def read_lines(path: Path, sep: str, ncols: int) -> list[list[str]]:
-    """Read a delimited text file strictly: every line must have `ncols` columns."""
+def decode(raw: bytes, path: Path) -> str:
+    """UTF-8 (a byte-order mark is not part of the first column); a line that is not UTF-8 is read as latin-1,
+    as MovieLens ships some titles, and the file's other lines keep their UTF-8: one latin-1 line must not
+    turn every title into mojibake. A file mixing both is named in a warning."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    lines, fallback, utf8 = [], [], 0
+    for lineno, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        try:
+            lines.append(line.decode("utf-8"))
+            utf8 += not line.isascii()
+        except UnicodeDecodeError:
+            lines.append(line.decode("latin-1"))
+            fallback.append(lineno)
+    if utf8:  # a latin-1 file (every non-ASCII line latin-1) is a known layout; a mix is worth a warning
+        print(f"warning: {path}: {len(fallback)} line(s) are not UTF-8 (first: line {fallback[0]}) but {utf8} are;"
+              " the former were read as latin-1. Save the file as UTF-8 if their text looks wrong",
+              file=sys.stderr)
+    return "\n".join(lines)
+
+
+def read_lines(path: Path, sep: str, columns: list[str]) -> pd.DataFrame:
+    """Read a delimited text file strictly: every line must have one value per column. The frame's index is
+    each row's 0-based line position (line number - 1), so errors found later still name the line."""
     if not path.is_file():
         raise DataError(f"missing file: {path}")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first column
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")  # MovieLens ships latin-1 movie titles in some releases
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    rows, positions = [], []
+    for position, line in enumerate(decode(path.read_bytes(), path).splitlines()):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(f"{path}:{position + 1}: the line is {len(line):,} characters long, more than the"
+                            f" {MAX_LINE_CHARS:,} a line may hold; is this the right file? Shorten or remove it")
         parts = line.split(sep)
-        if len(parts) != ncols:
-            raise DataError(f"{path}:{lineno}: expected {ncols} {sep!r}-separated columns, found {len(parts)}"
-                            f" in {line[:80]!r}; is this the right file and format?")
+        if len(parts) != len(columns):
+            raise DataError(f"{path}:{position + 1}: expected {len(columns)} {sep!r}-separated columns, found"
+                            f" {len(parts)} in {line[:80]!r}; is this the right file and format?")
         rows.append(parts)
-    return rows
+        positions.append(position)
+    return pd.DataFrame(rows, columns=columns, index=positions, dtype=object)
 
 
-def numeric_column(values: pd.Series, path: Path, column: str, first_line: int = 1) -> pd.Series:
+def unique_ids(frame: pd.DataFrame, key: str, path: Path, first_line: int = 1) -> None:
+    """Refuse a user or item table that lists an id twice (which line's features would count?)."""
+    duplicated = frame[key].duplicated()
+    if duplicated.any():
+        i = int(duplicated.to_numpy().argmax())
+        raise DataError(f"{path}:{frame.index[i] + first_line}: {key} {frame[key].iloc[i]!r} appears twice; each id"
+                        " needs one line")
+
+
+def drop_unknown(ratings: pd.DataFrame, table: pd.DataFrame, key: str, ratings_path: Path, path: Path
+                 ) -> pd.DataFrame:
+    """MovieLens ratings whose user or movie has no line in its table are dropped, with a count: they have no
+    features to render (the tables of a released MovieLens set list every id)."""
+    unknown = ~ratings[key].isin(table[key])
+    if unknown.any():
+        i = int(unknown.to_numpy().argmax())
+        print(f"warning: {int(unknown.sum())} rating(s) in {ratings_path} have a {key} with no line in {path}"
+              f" (first: line {ratings.index[i] + 1}, {key} {ratings[key].iloc[i]!r}); they are dropped",
+              file=sys.stderr)
+    return ratings[~unknown]
+
+
+# Every number read (labels, timestamps, numeric features; in preparation and in serving) must be finite and
+# at most 2^53 in size, the largest range in which float64 holds every integer: beyond it a timestamp loses
+# its order (1e30 became INT64_MIN) and a feature's variance overflows (1e308 made its std inf).
+NUMBER_LIMIT = float(2**53)
+
+
+def out_of_range(numbers: pd.Series) -> pd.Series:
+    """True where a parsed number is infinite or larger in size than NUMBER_LIMIT (NaN is missing, not bad)."""
+    return numbers.abs() > NUMBER_LIMIT
+
+
+def numeric_column(values: pd.Series, path: Path, column: str, first_line: int = 1,
+                   allowed: tuple[float, float] | None = None) -> pd.Series:
+    """`values` as numbers, or a DataError naming the file, line and value that is not a number, is not
+    finite, is out of range, or lies outside `allowed` (inclusive). A row's line is its index + first_line."""
     out = pd.to_numeric(values, errors="coerce")
     bad = out.isna() & values.notna()
     if bad.any():
         i = int(bad.to_numpy().argmax())
-        raise DataError(f"{path}:{i + first_line}: {column} {values.iloc[i]!r} is not a number; fix or remove"
-                        " the line")
+        raise DataError(f"{path}:{values.index[i] + first_line}: {column} {values.iloc[i]!r} is not a number;"
+                        " fix or remove the line")
+    low, high = allowed or (-NUMBER_LIMIT, NUMBER_LIMIT)
+    bad = out.notna() & ((out < low) | (out > high))
+    if bad.any():
+        i = int(bad.to_numpy().argmax())
+        limits = f"{low:g} to {high:g}" if allowed else "finite, at most 2^53 in size"
+        raise DataError(f"{path}:{values.index[i] + first_line}: {column} {values.iloc[i]!r} is out of range"
+                        f" ({limits}); fix or remove the line")
     return out
 
 
-def ratings_frame(rows: list[list[str]], path: Path, first_line: int = 1) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+RATING_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
+
+
+def ratings_frame(path: Path, sep: str) -> pd.DataFrame:
+    frame = read_lines(path, sep, RATING_COLUMNS)
     frame["user_id"] = frame["user_id"].str.strip()
     frame["item_id"] = frame["item_id"].str.strip()
-    frame["rating"] = numeric_column(frame["rating"], path, "rating", first_line)
-    frame["timestamp"] = numeric_column(frame["timestamp"], path, "timestamp", first_line)
+    frame["rating"] = numeric_column(frame["rating"], path, "rating", allowed=MOVIELENS_RATINGS)
+    frame["timestamp"] = numeric_column(frame["timestamp"], path, "timestamp")
     return frame
+
+
+def movielens_tables(ratings_path: Path, ratings: pd.DataFrame, users_path: Path, users: pd.DataFrame,
+                     items_path: Path, items: pd.DataFrame) -> pd.DataFrame:
+    """Check the user and movie tables (one line per id) and keep the ratings whose ids they list."""
+    unique_ids(users, "user_id", users_path)
+    unique_ids(items, "item_id", items_path)
+    ratings = drop_unknown(ratings, users, "user_id", ratings_path, users_path)
+    return drop_unknown(ratings, items, "item_id", ratings_path, items_path)
+
+
+def movielens_items(rows: pd.DataFrame, genres: pd.Series) -> pd.DataFrame:
+    """item_id, title (the year split off, a trailing article moved to the front), genres, release_year."""
+    split = rows["raw_title"].map(split_title)
+    return pd.DataFrame({"item_id": rows["item_id"], "title": split.str[0], "genres": genres,
+                         "release_year": split.str[1]}, index=rows.index)
 
 
 def read_movielens_100k(directory: Path, history_length: int = 10) -> Table:
     d = Path(directory)
-    ratings = ratings_frame(read_lines(d / "u.data", "\t", 4), d / "u.data")
-    users = pd.DataFrame(read_lines(d / "u.user", "|", 5),
-                         columns=["user_id", "age", "gender", "occupation", "zip_code"])
-    genre_rows = read_lines(d / "u.genre", "|", 2)
-    genre_names = {int(i): g for g, i in genre_rows}
-    item_rows = read_lines(d / "u.item", "|", 5 + len(genre_names))
-    items = []
-    for r in item_rows:
-        title, year = split_title(r[1])
-        flags = r[5:]
-        genres = [genre_names[i] for i, flag in enumerate(flags) if flag == "1"]
-        items.append((r[0], title, genres, year))
-    items = pd.DataFrame(items, columns=["item_id", "title", "genres", "release_year"])
+    ratings = ratings_frame(d / "u.data", "\t")
+    users = read_lines(d / "u.user", "|", ["user_id", "age", "gender", "occupation", "zip_code"])
+    genre_rows = read_lines(d / "u.genre", "|", ["genre", "flag"])
+    genre_names = list(genre_rows["genre"])
+    items = read_lines(d / "u.item", "|", ["item_id", "raw_title", "release_date", "video_release_date", "url",
+                                            *genre_names])
+    genres = (items[genre_names] == "1").apply(lambda flags: [g for g in genre_names if flags[g]], axis=1)
+    items = movielens_items(items, genres)
+    ratings = movielens_tables(d / "u.data", ratings, d / "u.user", users, d / "u.item", items)
     return movielens_table("ml-100k", ratings, users, items, history_length,
                            (d / "u.data", d / "u.user", d / "u.item", d / "u.genre"))
 
 
 def read_movielens_1m(directory: Path, history_length: int = 10) -> Table:
     d = Path(directory)
-    ratings = ratings_frame(read_lines(d / "ratings.dat", "::", 4), d / "ratings.dat")
-    users = pd.DataFrame(read_lines(d / "users.dat", "::", 5),
-                         columns=["user_id", "gender", "age", "occupation", "zip_code"])
-    items = []
-    for item_id, raw_title, genres in read_lines(d / "movies.dat", "::", 3):
-        title, year = split_title(raw_title)
-        items.append((item_id, title, genres.split("|") if genres else [], year))
-    items = pd.DataFrame(items, columns=["item_id", "title", "genres", "release_year"])
+    ratings = ratings_frame(d / "ratings.dat", "::")
+    users = read_lines(d / "users.dat", "::", ["user_id", "gender", "age", "occupation", "zip_code"])
+    items = read_lines(d / "movies.dat", "::", ["item_id", "raw_title", "genres"])
+    items = movielens_items(items, items["genres"].map(lambda g: g.split("|") if g else []))
+    ratings = movielens_tables(d / "ratings.dat", ratings, d / "users.dat", users, d / "movies.dat", items)
     occupations = {str(k): v for k, v in ML1M_OCCUPATION.items()}
     return movielens_table("ml-1m", ratings, users, items, history_length,
                            (d / "ratings.dat", d / "users.dat", d / "movies.dat"),
@@ -204,12 +285,11 @@ def read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str]]:
             raise DataError(f"{path}:1: column {name!r} appears twice in the header")
         columns.append(name)
         types[name] = kind
-    rows = read_lines(path, "\t", len(columns))[1:]
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = read_lines(path, "\t", columns).iloc[1:]
     for name, kind in types.items():
         values = frame[name].where(frame[name].str.strip() != "", None)
         if kind == "float":
-            frame[name] = numeric_column(values, path, name, first_line=2)
+            frame[name] = numeric_column(values, path, name)
         elif kind.endswith("_seq"):
             frame[name] = values.map(lambda v: v.split() if isinstance(v, str) else [])
         else:
@@ -320,11 +400,7 @@ def read_recbole(directory: Path, history_length: int = 10, schema: dict | None 
         if clash:
             raise DataError(f"{path}:1: column(s) {', '.join(clash)} also in {inter_path.name}; rename or `exclude`"
                             " one of them")
-        duplicated = extra[key].duplicated()
-        if duplicated.any():
-            line = int(duplicated.to_numpy().argmax()) + 2
-            raise DataError(f"{path}:{line}: {key} {extra[key][duplicated].iloc[0]!r} appears twice; each id needs"
-                            " one line")
+        unique_ids(extra, key, path)
         frame = frame.merge(extra, on=key, how="left")
         types.update(extra_types)
         sides.update({c: side for c in extra.columns if c != key})

@@ -112,10 +112,15 @@ def is_missing(value: object) -> bool:
     return False
 
 
+MAX_VALUE_CHARS = 1000  # what one value may add to a text; a language model reads ~500 characters in all
+
+
 def format_value(value: object) -> str:
+    """A value as text: integral floats without ".0", other floats to 4 significant digits, anything longer
+    than MAX_VALUE_CHARS cut to that many characters (preparation says how many values were cut)."""
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else f"{value:.4g}"
-    return str(value)
+    return str(value)[:MAX_VALUE_CHARS]
 
 
 class TextRenderer:

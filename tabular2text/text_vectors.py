@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from tabular2text.atomic import atomic_path
+from tabular2text.atomic import atomic_path, file_sha256
 from tabular2text.schema import OOV
 
 Texts = Sequence[str] | Sequence[tuple[str, str]]
@@ -58,14 +58,6 @@ def texts_key(fingerprint: str, texts: Texts, pairs: bool) -> str:
             b = part.encode()
             h.update(len(b).to_bytes(8, "little"))  # length prefixes keep ("ab", "c") apart from ("a", "bc")
             h.update(b)
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
     return h.hexdigest()
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures (the helpers they build on are in helpers.py)."""
 
+import os
 import shutil
 
 import pytest
@@ -8,6 +9,9 @@ from helpers import TOKENIZER_FILES, small_config_dir, synthetic_batch, syntheti
 
 from tabular2text.schema import FeatureSpec
 from towers.language import default_model_dir
+
+# A bug in ctrl-rec raises its traceback in tests; users see one `error:` line (test_bad_input checks both).
+os.environ.setdefault("CTRL_DEBUG", "1")
 
 
 @pytest.fixture

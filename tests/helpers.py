@@ -140,7 +140,7 @@ def write_ml1m(directory: Path, encoding: str) -> None:
               "3::Cité des enfants perdus, La (1995)::Sci-Fi", "4::Heat (1995)::Action|Crime|Thriller"]
     ratings = [f"{u}::{i}::{(u + i) % 5 + 1}::{978300000 + 10 * k}"
                for k, (u, i) in enumerate((u, i) for i in range(1, 5) for u in range(1, 4))]
-    ratings += [f"{u}::{i}::{(u * i) % 5 + 1}::{978400000 + 10 * k}"
+    ratings += [f"{u}::{i}::{(u + 3 * i) % 5 + 1}::{978400000 + 10 * k}"
                 for k, (u, i) in enumerate((u, i) for u in range(1, 4) for i in range(1, 5))]
     (directory / "users.dat").write_text("\n".join(users) + "\n", encoding="ascii")
     (directory / "movies.dat").write_bytes(("\n".join(movies) + "\n").encode(encoding))
@@ -156,6 +156,16 @@ u1,F,i3,Green Bag,bag|green,20,1,7
 u2,M,i3,Green Bag,bag|green,20,0,8
 u3,F,i2,Blue Hat,hat,12.5,1,9
 u1,F,i4,Gold Ring,jewel,99,1,10
+u3,F,i3,Green Bag,bag|green,20,1,11
+u1,F,i2,Blue Hat,hat,12.5,0,12
+u2,M,i2,Blue Hat,hat,12.5,1,13
+u3,F,i1,Red Shoes,shoes|red,30,1,14
+u1,F,i1,Red Shoes,shoes|red,30,0,15
+u2,M,i3,Green Bag,bag|green,20,1,16
+u3,F,i2,Blue Hat,hat,12.5,0,17
+u1,F,i3,Green Bag,bag|green,20,1,18
+u2,M,i1,Red Shoes,shoes|red,30,0,19
+u3,F,i3,Green Bag,bag|green,20,1,20
 """
 GENERIC_SCHEMA = """
 data: clicks.csv

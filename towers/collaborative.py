@@ -14,9 +14,10 @@ import functools
 import importlib
 import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from jsonargparse.typing import PositiveInt, restricted_number_type
 from torch import nn
 
 from tabular2text.schema import FeatureSpec
@@ -35,6 +36,8 @@ from towers.interactions import (
 from towers.mlp import MLP
 
 Batch = dict[str, torch.Tensor]
+
+Dropout = restricted_number_type("Dropout", float, [(">=", 0), ("<", 1)])  # the share of units zeroed
 
 
 class CollaborativeTower(nn.Module):
@@ -78,9 +81,9 @@ class WideDeep(CollaborativeTower):
         self,
         spec: FeatureSpec,
         *,
-        embed_dim: int = 32,
-        mlp_dims: Sequence[int] = (256, 128, 64),
-        dropout: float = 0.1,
+        embed_dim: PositiveInt = 32,
+        mlp_dims: Sequence[PositiveInt] = (256, 128, 64),
+        dropout: Dropout = 0.1,
         batch_norm: bool = True,
     ) -> None:
         super().__init__(spec, embed_dim)
@@ -109,9 +112,9 @@ class DeepFM(CollaborativeTower):
         self,
         spec: FeatureSpec,
         *,
-        embed_dim: int = 32,
-        mlp_dims: Sequence[int] = (256, 128, 64),
-        dropout: float = 0.1,
+        embed_dim: PositiveInt = 32,
+        mlp_dims: Sequence[PositiveInt] = (256, 128, 64),
+        dropout: Dropout = 0.1,
         batch_norm: bool = True,
     ) -> None:
         super().__init__(spec, embed_dim)
@@ -144,10 +147,10 @@ class DCN(CollaborativeTower):
         self,
         spec: FeatureSpec,
         *,
-        embed_dim: int = 32,
-        num_cross_layers: int = 3,
-        mlp_dims: Sequence[int] = (256, 128, 64),
-        dropout: float = 0.1,
+        embed_dim: PositiveInt = 32,
+        num_cross_layers: PositiveInt = 3,
+        mlp_dims: Sequence[PositiveInt] = (256, 128, 64),
+        dropout: Dropout = 0.1,
         batch_norm: bool = True,
     ) -> None:
         super().__init__(spec, embed_dim)
@@ -189,11 +192,11 @@ class AutoInt(CollaborativeTower):
         self,
         spec: FeatureSpec,
         *,
-        embed_dim: int = 32,
-        num_attention_layers: int = 3,
-        num_heads: int = 2,
-        mlp_dims: Sequence[int] = (256, 128, 64),
-        dropout: float = 0.1,
+        embed_dim: PositiveInt = 32,
+        num_attention_layers: PositiveInt = 3,
+        num_heads: PositiveInt = 2,
+        mlp_dims: Sequence[PositiveInt] = (256, 128, 64),
+        dropout: Dropout = 0.1,
         batch_norm: bool = True,
     ) -> None:
         super().__init__(spec, embed_dim)
@@ -225,10 +228,10 @@ class XDeepFM(CollaborativeTower):
         self,
         spec: FeatureSpec,
         *,
-        embed_dim: int = 32,
-        cin_layer_sizes: Sequence[int] = (16, 16, 16),
-        mlp_dims: Sequence[int] = (256, 128, 64),
-        dropout: float = 0.1,
+        embed_dim: PositiveInt = 32,
+        cin_layer_sizes: Sequence[PositiveInt] = (16, 16, 16),
+        mlp_dims: Sequence[PositiveInt] = (256, 128, 64),
+        dropout: Dropout = 0.1,
         batch_norm: bool = True,
     ) -> None:
         super().__init__(spec, embed_dim)
@@ -261,10 +264,10 @@ class FiBiNet(CollaborativeTower):
         self,
         spec: FeatureSpec,
         *,
-        embed_dim: int = 32,
-        reduction_ratio: int = 3,
-        mlp_dims: Sequence[int] = (256, 128, 64),
-        dropout: float = 0.1,
+        embed_dim: PositiveInt = 32,
+        reduction_ratio: PositiveInt = 3,
+        mlp_dims: Sequence[PositiveInt] = (256, 128, 64),
+        dropout: Dropout = 0.1,
         batch_norm: bool = True,
     ) -> None:
         super().__init__(spec, embed_dim)
@@ -300,9 +303,9 @@ class PNN(CollaborativeTower):
         self,
         spec: FeatureSpec,
         *,
-        embed_dim: int = 32,
-        mlp_dims: Sequence[int] = (256, 128, 64),
-        dropout: float = 0.1,
+        embed_dim: PositiveInt = 32,
+        mlp_dims: Sequence[PositiveInt] = (256, 128, 64),
+        dropout: Dropout = 0.1,
         batch_norm: bool = True,
     ) -> None:
         super().__init__(spec, embed_dim)
@@ -336,10 +339,10 @@ class DIN(CollaborativeTower):
         self,
         spec: FeatureSpec,
         *,
-        embed_dim: int = 32,
-        attention_dims: Sequence[int] = (80, 40),
-        mlp_dims: Sequence[int] = (256, 128, 64),
-        dropout: float = 0.1,
+        embed_dim: PositiveInt = 32,
+        attention_dims: Sequence[PositiveInt] = (80, 40),
+        mlp_dims: Sequence[PositiveInt] = (256, 128, 64),
+        dropout: Dropout = 0.1,
         batch_norm: bool = True,
     ) -> None:
         super().__init__(spec, embed_dim)
@@ -395,6 +398,19 @@ class CTRModel(nn.Module):
         return self.head(self.tower(batch)).squeeze(-1)
 
 
+def plain(value: object) -> object:
+    """A setting as builtins (jsonargparse hands PositiveInt and the like; a weights-only load takes builtins)."""
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
 def backbone_config(factory: object) -> dict | None:
     """{"class_path", "init_args"} (defaults filled in) of what builds a tower from a spec: a backbone class,
     or a functools.partial of one (what jsonargparse makes of a config's class_path and init_args); None
@@ -407,7 +423,7 @@ def backbone_config(factory: object) -> dict | None:
         return None
     defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    init_args = {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **keywords}.items()}
+    init_args = {k: plain(v) for k, v in {**defaults, **keywords}.items()}
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 
@@ -422,3 +438,10 @@ def build_backbone(config: dict, spec: FeatureSpec) -> CollaborativeTower:
     if not (isinstance(cls, type) and issubclass(cls, CollaborativeTower)):
         raise ValueError(f"backbone {config['class_path']!r} is not a towers.CollaborativeTower")
     return cls(spec, **config["init_args"])
+
+
+def make_tower(factory: Callable[[FeatureSpec], CollaborativeTower], spec: FeatureSpec) -> CollaborativeTower:
+    """factory(spec), with a backbone's settings as plain numbers (as its checkpoint and export rebuild it):
+    jsonargparse hands validated types such as PositiveInt, which torch.export cannot trace through."""
+    config = backbone_config(factory)
+    return build_backbone(config, spec) if config else factory(spec)

@@ -6,17 +6,24 @@ checkpoint). The last cases cover files damaged on disk: the text-vector cache i
 truncated export is refused by name.
 """
 
+import json
 import shutil
+import subprocess
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from helpers import CONFIGS, GENERIC_CSV, GENERIC_SCHEMA, ML100K, write_generic, write_small_ml1m
 
+import ctrl.cli
 from ctrl.cli import main
 from finetune.export import load_scorer
+from tabular2text.datamodule import CTRDataModule
+from tabular2text.sources import DataError
 
 
 @dataclass
@@ -59,6 +66,36 @@ def ml1m_with(tmp: Path, edit: Callable[[Path], None]) -> Path:
 
 def generic(tmp: Path, csv: str = GENERIC_CSV, schema: str = GENERIC_SCHEMA) -> Path:
     return write_generic(tmp / "g", csv=csv, schema=schema)
+
+
+INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+    f"U{i % 3}\tB{i % 4}\t{(1, 5)[i % 2]}\t{i}\n" for i in range(30))
+ITEM = "item_id:token\ttitle:token\n" + "".join(f"B{i}\tThing {i}\n" for i in range(4))
+
+
+def recbole(tmp: Path, inter: str = INTER, item: str = ITEM) -> Path:
+    """A small RecBole directory: shop.inter and shop.item."""
+    (tmp / "rb").mkdir()
+    (tmp / "rb" / "shop.inter").write_text(inter)
+    (tmp / "rb" / "shop.item").write_text(item)
+    return tmp / "rb"
+
+
+def generic_row(old: str, new: str, schema: str = GENERIC_SCHEMA) -> Callable[[Path], Path]:
+    """Generic data with one CSV line replaced (the line holding `old`)."""
+    assert old in GENERIC_CSV
+    return lambda tmp: generic(tmp, csv=GENERIC_CSV.replace(old, new), schema=schema)
+
+
+def earlier_fit(tmp: Path, run: Path) -> Path:
+    """tmp/run as an earlier fit left it: its checkpoints."""
+    shutil.copytree(Path(ckpt(run, "finetune")).parent, tmp / "run" / "checkpoints")
+    return tmp / "run"
+
+
+def held_by_a_running_fit(tmp: Path) -> None:
+    (tmp / "run").mkdir()
+    (tmp / "run" / ".fit.lock").write_text("1")  # process 1 always runs
 
 
 def fit(run: Path, stage: str, *extra: str) -> list[str]:
@@ -158,6 +195,134 @@ CASES = {
     "non-finite loss during training": Case(
         lambda tmp, run: fit(run, "finetune", "--model.init_args.lr", "1e30"),
         ("the training loss became", "training stopped before saving it", "Lower the learning rate")),
+    "rating above the scale": Case(
+        lambda tmp, run: prepare(ml100k_with(tmp, lambda d: edit_line(d / "u.data", 9, "196\t242\t7\t881250949"))),
+        ("{tmp}/d/u.data:10: rating '7' is out of range (0.5 to 5)", "fix or remove the line")),
+    "negative rating": Case(
+        lambda tmp, run: prepare(ml1m_with(tmp, lambda d: edit_line(d / "ratings.dat", 0, "1::2::-7::978300000"))),
+        ("{tmp}/d/ratings.dat:1: rating '-7' is out of range (0.5 to 5)",)),
+    "infinite rating": Case(
+        lambda tmp, run: prepare(ml1m_with(tmp, lambda d: edit_line(d / "ratings.dat", 2, "1::2::inf::978300000"))),
+        ("{tmp}/d/ratings.dat:3: rating 'inf' is out of range",)),
+    "timestamp beyond 2^53": Case(
+        lambda tmp, run: prepare(ml100k_with(tmp, lambda d: edit_line(d / "u.data", 0, "196\t242\t4\t1e30"))),
+        ("{tmp}/d/u.data:1: timestamp '1e30' is out of range (finite, at most 2^53 in size)",)),
+    "line numbers count blank lines": Case(
+        lambda tmp, run: prepare(ml1m_with(tmp, lambda d: (d / "ratings.dat").write_text(
+            "\n\n" + (d / "ratings.dat").read_text().replace("::5::", "::5.5::", 1)))),
+        ("ratings.dat:3: rating '5.5' is out of range",)),
+    "numeric feature beyond 2^53": Case(
+        lambda tmp, run: prepare(generic_row("u1,F,i4,Gold Ring,jewel,99,1,10",
+                                             "u1,F,i4,Gold Ring,jewel,1e308,1,10")(tmp)),
+        ("{tmp}/g/clicks.csv:11: price '1e308' is out of range (finite, at most 2^53 in size)",)),
+    "infinite numeric feature": Case(
+        lambda tmp, run: prepare(generic_row("u2,M,i2,Blue Hat,hat,12.5,0,1", "u2,M,i2,Blue Hat,hat,-inf,0,1")(tmp)),
+        ("{tmp}/g/clicks.csv:3: price '-inf' is out of range",)),
+    "infinite label threshold column": Case(
+        lambda tmp, run: prepare(generic_row("u2,M,i2,Blue Hat,hat,12.5,0,1", "u2,M,i2,Blue Hat,hat,12.5,inf,1")(tmp)),
+        ("{tmp}/g/clicks.csv:3: click 'inf' is out of range",)),
+    "timestamp that is not a number in generic data": Case(
+        lambda tmp, run: prepare(generic_row("u2,M,i2,Blue Hat,hat,12.5,0,1", "u2,M,i2,Blue Hat,hat,12.5,0,noon")(tmp)),
+        ("{tmp}/g/clicks.csv:3: ts 'noon' is not a number",)),
+    "duplicate user id": Case(
+        lambda tmp, run: prepare(ml100k_with(tmp, lambda d: (d / "u.user").write_text(
+            (d / "u.user").read_text() + "1|30|M|writer|12345\n"))),
+        ("{tmp}/d/u.user:944: user_id '1' appears twice", "each id needs one line")),
+    "duplicate movie id": Case(
+        lambda tmp, run: prepare(ml1m_with(tmp, lambda d: (d / "movies.dat").write_text(
+            (d / "movies.dat").read_text() + "3::Another (1990)::Drama\n"))),
+        ("{tmp}/d/movies.dat:31: item_id '3' appears twice",)),
+    "duplicate item id in a RecBole set": Case(
+        lambda tmp, run: prepare(recbole(tmp, item=ITEM + "B2\tThing again\n")),
+        ("{tmp}/rb/shop.item:6: item_id 'B2' appears twice",)),
+    "a line of more than 1 MiB": Case(
+        lambda tmp, run: prepare(ml1m_with(tmp, lambda d: edit_line(d / "movies.dat", 4,
+                                                                    "5::" + "x" * 1_100_000 + "::Drama"))),
+        ("{tmp}/d/movies.dat:5: the line is 1,100,010 characters long", "more than the 1,048,576")),
+    "wrong column count in the user table": Case(
+        lambda tmp, run: prepare(ml1m_with(tmp, lambda d: edit_line(d / "users.dat", 1, "2::M::25::3"))),
+        ("{tmp}/d/users.dat:2: expected 5 '::'-separated columns, found 4",)),
+    "empty CSV": Case(
+        lambda tmp, run: prepare(generic(tmp, csv="")),
+        ("{tmp}/g/clicks.csv: malformed CSV", "save it as UTF-8 with a header line")),
+    "CSV line with an extra value": Case(
+        lambda tmp, run: prepare(generic_row("u2,M,i2,Blue Hat,hat,12.5,0,1", "u2,M,i2,Blue Hat,hat,12.5,0,1,9")(tmp)),
+        ("{tmp}/g/clicks.csv: malformed CSV", "Expected 8 fields in line 3, saw 9")),
+    "CSV with a header only": Case(
+        lambda tmp, run: prepare(generic(tmp, csv=GENERIC_CSV.splitlines()[0] + "\n")),
+        ("the train split is empty (0 labelled rows after filtering)",)),
+    "schema that is not YAML": Case(
+        lambda tmp, run: prepare(generic(tmp, schema="data: [clicks.csv\nlabel: :")),
+        ("{tmp}/g/schema.yaml: not valid YAML",)),
+    "schema without data": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace("data: clicks.csv", ""))),
+        ("{tmp}/g/schema.yaml: a schema needs the key `data`",)),
+    "schema naming a missing data file": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace("data: clicks.csv", "data: sales.csv"))),
+        ("{tmp}/g/schema.yaml: data file {tmp}/g/sales.csv does not exist",)),
+    "schema field without a name": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace("{name: tags, kind:", "{kind:"))),
+        ("each field needs at least `name`, `kind` and `side`",)),
+    "data path that is a plain file": Case(
+        lambda tmp, run: prepare((tmp / "notes.txt", (tmp / "notes.txt").write_text("x"))[0]),
+        ("{tmp}/notes.txt: cannot tell the data layout", "u.data (MovieLens-100K), ratings.dat (MovieLens-1M)")),
+    "empty data directory": Case(
+        lambda tmp, run: prepare((tmp / "empty", (tmp / "empty").mkdir())[0]),
+        ("{tmp}/empty: cannot tell the data layout",)),
+    "RecBole header without types": Case(
+        lambda tmp, run: prepare(recbole(tmp, inter=INTER.replace("rating:float", "rating"))),
+        ("{tmp}/rb/shop.inter:1: header 'rating' is not `name:type`",)),
+    "RecBole header naming a column twice": Case(
+        lambda tmp, run: prepare(recbole(tmp, item="item_id:token\titem_id:token\nB1\tB1\n")),
+        ("{tmp}/rb/shop.item:1: column 'item_id' appears twice in the header",)),
+    "RecBole float_seq column": Case(
+        lambda tmp, run: prepare(recbole(tmp, item="item_id:token\temb:float_seq\n" + "".join(
+            f"B{i}\t0.1 0.2\n" for i in range(4)))),
+        ("'emb' is float_seq, which ctrl-rec cannot embed",)),
+    "RecBole rating that is not a number": Case(
+        lambda tmp, run: prepare(recbole(tmp, inter=INTER.replace("U1\tB1\t5\t1", "U1\tB1\tgood\t1"))),
+        ("{tmp}/rb/shop.inter:3: rating 'good' is not a number",)),
+    "two RecBole interaction files": Case(
+        lambda tmp, run: prepare((d := recbole(tmp), (d / "more.inter").write_text(INTER))[0]),
+        ("{tmp}/rb: expected one RecBole <name>.inter file, found",)),
+    "unknown template preset": Case(
+        lambda tmp, run: prepare(ML100K, "--template", "fancy"),
+        ("template: unknown template preset 'fancy'", "natural, dash, colon, masked, values")),
+    "validation fold beyond the data": Case(
+        lambda tmp, run: fit(run, "finetune", "--data.val_fold", "50"),
+        ("val_fold 50 leaves fewer training rows than one validation block",)),
+    "validation split of one class": Case(
+        lambda tmp, run: fit(run, "finetune", "--data.data_dir", str(generic_row(
+            "u3,F,i2,Blue Hat,hat,12.5,0,17", "u3,F,i2,Blue Hat,hat,12.5,1,17")(tmp))),
+        ("the val split (2 rows) holds only label 1", "its AUC is undefined and no checkpoint can be chosen")),
+    "a second fit into the folder of an earlier one": Case(
+        lambda tmp, run: (earlier_fit(tmp, run), fit(run, "finetune"))[1],
+        ("{tmp}/run/checkpoints already holds the checkpoints of an earlier fit (best.ckpt",
+         "resume the earlier fit with --ckpt_path last")),
+    "a fit into a folder another fit is writing": Case(
+        lambda tmp, run: (held_by_a_running_fit(tmp), fit(run, "finetune"))[1],
+        ("{tmp}/run is in use by another fit (process 1)",)),
+    "missing checkpoint file": Case(
+        lambda tmp, run: ["test", *fit(run, "finetune")[1:], "--ckpt_path", str(tmp / "none.ckpt")],
+        ("--ckpt_path: no checkpoint at {tmp}/none.ckpt",)),
+    "missing init_from file": Case(
+        lambda tmp, run: fit(run, "finetune", "--model.init_args.init_from", str(tmp / "align.ckpt")),
+        ("init_from", "{tmp}/align.ckpt")),
+    "export of a stage-1 checkpoint": Case(
+        lambda tmp, run: ["export", "--ckpt_path", ckpt(run, "align"), "--out", str(tmp / "export")],
+        ("is a stage-1 (alignment) checkpoint; export takes a stage-2 checkpoint",)),
+    "scoring with a model that does not exist": Case(
+        lambda tmp, run: ["score", "--model", str(tmp / "model"), "--rows", str(run / "ml-1m" / "ratings.dat")],
+        ("--model: no checkpoint at {tmp}/model",)),
+    "scoring rows without the model's columns": Case(
+        lambda tmp, run: ["score", "--model", str(run / "out" / "finetune" / "export"), "--rows",
+                          str((tmp / "rows.csv", (tmp / "rows.csv").write_text("a,b\n1,2\n"))[0])],
+        ("{tmp}/rows.csv (row 1 is the first line after the header): none of its columns (a, b) is a feature of the"
+         " model (user_id, ",)),
+    "ctrl run on a file that holds no data set": Case(
+        lambda tmp, run: ["run", "--config_dir", str(run / "configs"), "--data_dir",
+                          str((tmp / "notes.txt", (tmp / "notes.txt").write_text("x"))[0]), "--out", str(tmp / "run")],
+        ("{tmp}/notes.txt: cannot tell the data layout",)),
 }
 
 
@@ -169,10 +334,11 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(name, smal
     monkeypatch.setenv("CTRL_CACHE_DIR", str(cache))
     monkeypatch.chdir(tmp_path)  # anything a failed run writes by default lands here
     args = case.make(tmp_path, small_run)
-    training = args[0] != "prepare"
-    if training:  # the small run's prepared data: only the error differs
-        shutil.copytree(small_run / "cache", cache)
+    lightning = args[0] in ("fit", "validate", "test", "predict")
+    if lightning:  # the small run's prepared data: only the error differs
+        shutil.copytree(small_run / "cache", cache, dirs_exist_ok=True)
         args += ["--trainer.default_root_dir", str(tmp_path / "run")]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.ckpt")}  # what the case itself put there
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
@@ -180,11 +346,11 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(name, smal
     assert err[-1].startswith("error: ")
     for expected in case.expected:
         assert expected.format(tmp=tmp_path, run=small_run) in err[-1]
-    # nothing half-written: no checkpoint, no temporary file, no prepared data unless complete
-    assert not list((tmp_path / "run").rglob("*.ckpt"))
-    assert not list(tmp_path.rglob("*.tmp"))
+    # nothing half-written: no new or changed checkpoint, no temporary file, no prepared data unless complete
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.ckpt")} == before
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "export").exists()
     prepared = list((cache / "prepared").glob("*")) if (cache / "prepared").exists() else []
-    assert all((p / "meta.json").is_file() for p in prepared) and (training or not prepared)
+    assert all((p / "meta.json").is_file() for p in prepared) and (lightning or not prepared)
 
 
 def test_help_lists_every_subcommand_and_no_command_is_a_usage_error(capsys):
@@ -199,8 +365,97 @@ def test_help_lists_every_subcommand_and_no_command_is_a_usage_error(capsys):
     assert done.value.code == 2 and "usage: ctrl COMMAND" in capsys.readouterr().err
 
 
-def test_the_corpus_covers_at_least_fifteen_cases():
-    assert len(CASES) >= 15
+def test_the_corpus_covers_at_least_sixty_cases():
+    assert len(CASES) + len(REPAIRED) + len(SETTINGS) >= 60
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def damaged_prepared_cache(tmp: Path) -> Path:
+    """The small run's prepared data with its train split truncated."""
+    cache = tmp / "cache"
+    shutil.copytree(tmp / "run-cache", cache)
+    (train,) = cache.glob("prepared/*/train.parquet")
+    train.write_bytes(train.read_bytes()[:-200])
+    return tmp / "d"
+
+
+def abandoned_temporary_folder(tmp: Path) -> Path:
+    """A prepare killed mid-write left `.<result>.<pid>-XXXX.tmp` beside the result it never renamed."""
+    (result,) = (tmp / "run-cache" / "prepared").iterdir()  # the same data: the same result name
+    (tmp / "cache" / "prepared").mkdir(parents=True)
+    (tmp / "cache" / "prepared" / f".{result.name}.{dead_pid()}-x1y2.tmp").mkdir()
+    return tmp / "d"
+
+
+@dataclass
+class Repaired:
+    """Input that is read with a repair: `make(tmp)` builds it (tmp/d is a clean small ML-1M copy), `warning`
+    must be printed, and `check(dm)` holds on the prepared data."""
+
+    make: Callable[[Path], Path]
+    warning: str
+    check: Callable[[CTRDataModule], bool]
+
+
+def rows(dm: CTRDataModule) -> pd.DataFrame:
+    return pd.concat([dm.frame(s) for s in ("train", "val", "test")], ignore_index=True)
+
+
+def titles(d: Path, first: str, second: str) -> Path:
+    """movies.dat with its first title in UTF-8 and its second in latin-1 (a file saved by two tools)."""
+    lines = (d / "movies.dat").read_text().splitlines()
+    one, two = lines[0].replace("Movie number 1", first), lines[1].replace("Movie number 2", second)
+    (d / "movies.dat").write_bytes(f"{one}\n".encode() + f"{two}\n".encode("latin-1")
+                                   + "".join(f"{x}\n" for x in lines[2:]).encode())
+    return d
+
+
+REPAIRED = {
+    "byte-order marks on every file": Repaired(
+        lambda tmp: [p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes()) for p in (tmp / "d").iterdir()] and tmp / "d",
+        "", lambda dm: dm.feature_spec["user_id"].vocab_size == 42),
+    "a rating of a movie that is not in movies.dat": Repaired(
+        lambda tmp: ((tmp / "d" / "ratings.dat").write_text((tmp / "d" / "ratings.dat").read_text()
+                                                            + "1::999::5::978300001\n"), tmp / "d")[1],
+        "1 rating(s) in {tmp}/d/ratings.dat have a item_id with no line in {tmp}/d/movies.dat (first: line 801,"
+        " item_id '999'); they are dropped", lambda dm: len(rows(dm)) == 800),
+    "one latin-1 line in a UTF-8 file": Repaired(
+        lambda tmp: titles(tmp / "d", "Amélie", "Cité des enfants perdus, La"),
+        "{tmp}/d/movies.dat: 1 line(s) are not UTF-8 (first: line 2) but 1 are; the former were read as latin-1",
+        lambda dm: all(any(title in t for t in dm.item_catalog()[1])
+                       for title in ("title is Amélie,", "title is Cité des enfants perdus"))),
+    "a title longer than a text takes": Repaired(
+        lambda tmp: titles(tmp / "d", "x" * 5000, "Two"),
+        "1 distinct value(s) of field 'title' are longer than 1000 characters; their text is cut to the first 1000",
+        lambda dm: max(len(t) for t in rows(dm).item_text) < 1100 and "x" * 1000 in " ".join(rows(dm).item_text)),
+    "a prepared split truncated on disk": Repaired(
+        damaged_prepared_cache, "train.parquet does not match its checksum (truncated or modified); preparing it"
+        " again", lambda dm: len(rows(dm)) == 800),
+    "a temporary folder of a killed prepare": Repaired(
+        abandoned_temporary_folder, "", lambda dm: not list(dm.prepared_dir.parent.glob(".*.tmp"))),
+}
+
+
+@pytest.mark.parametrize("name", REPAIRED)
+def test_repaired_input_says_what_was_repaired_and_prepares_completely(name, small_run, tmp_path, capsys,
+                                                                         monkeypatch):
+    case = REPAIRED[name]
+    shutil.copytree(small_run / "ml-1m", tmp_path / "d")
+    shutil.copytree(small_run / "cache", tmp_path / "run-cache")
+    monkeypatch.setenv("CTRL_CACHE_DIR", str(tmp_path / "cache"))
+    data = case.make(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["prepare", "--data_dir", str(data), "--show", "0"])
+    said = capsys.readouterr().err + " ".join(str(w.message) for w in caught)
+    assert case.warning.format(tmp=tmp_path) in " ".join(said.split())
+    dm = CTRDataModule(str(data))
+    assert (dm.prepared_dir / "meta.json").is_file() and case.check(dm)
 
 
 def test_damaged_text_vector_cache_is_rebuilt_never_used(small_run, tmp_path, monkeypatch):
@@ -236,16 +491,29 @@ def test_truncated_or_incomplete_export_is_refused_by_name(small_run, tmp_path):
     export = damaged("no-program", lambda d: (d / "model.pt2").unlink())
     with pytest.raises(FileNotFoundError, match=f"{export}/model.pt2 is missing: the export is incomplete"):
         load_scorer(export)
+    export = damaged("no-checksums", lambda d: (d / "model.json").write_text(json.dumps(
+        {**json.loads((d / "model.json").read_text()), "sha256": {}})))
+    with pytest.raises(ValueError, match="no checksum for weights.safetensors, feature_spec.json"):
+        load_scorer(export)
     export = damaged("no-meta", lambda d: (d / "model.json").unlink())
     with pytest.raises(FileNotFoundError, match=f"{export} is not a ctrl-rec export: model.json is missing"):
         load_scorer(export)
 
 
-@pytest.mark.parametrize(("config", "option", "value"), [
+SETTINGS = [
     ("finetune", "--model.init_args.lr", "-0.01"), ("finetune", "--data.batch_size", "0"),
     ("finetune", "--model.init_args.init_lr_scale", "0"), ("align", "--model.init_args.temperature", "-0.1"),
     ("align", "--model.init_args.num_subspaces", "0"), ("align", "--data.history_length", "-1"),
-    ("align", "--data.val_fold", "-1")])
+    ("align", "--data.val_fold", "-1"), ("finetune", "--data.eval_batch_size", "0"),
+    ("finetune", "--data.num_workers", "-1"), ("finetune", "--model.init_args.weight_decay", "-1"),
+    ("finetune", "--model.init_args.backbone.init_args.dropout", "1.5"),
+    ("finetune", "--model.init_args.backbone.init_args.embed_dim", "0"),
+    ("finetune", "--model.init_args.backbone.init_args.mlp_dims", "[64, 0]"),
+    ("align", "--model.init_args.proj_dim", "0"), ("align", "--model.init_args.max_length", "0"),
+    ("align", "--model.init_args.warmup_steps", "-5"), ("align", "--model.init_args.subspace_dim", "0")]
+
+
+@pytest.mark.parametrize(("config", "option", "value"), SETTINGS)
 def test_impossible_settings_are_refused_before_any_work(capsys, config, option, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIGS / f"{config}.yaml"), option, value, "--print_config"])
@@ -265,3 +533,29 @@ def test_run_names_a_missing_backbone_overlay(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert "finetune/dnc.yaml does not exist" in err and "autoint, dcn, dcnv2, deepfm, din" in err
+
+
+def test_an_error_ctrl_rec_does_not_know_still_ends_in_one_line(monkeypatch, capsys):
+    def broken(*, data_dir: str) -> None:
+        """Args:
+            data_dir: a directory."""
+        raise TypeError("object of type 'float' has no len()")
+
+    monkeypatch.delenv("CTRL_DEBUG", raising=False)
+    monkeypatch.setitem(ctrl.cli.COMMANDS, "prepare", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--data_dir", "d"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: unexpected TypeError at test_bad_input.py:")
+    assert "object of type 'float' has no len()" in err[0] and "rerun with CTRL_DEBUG=1" in err[0]
+
+
+def test_scoring_rows_with_numbers_out_of_range_is_refused_by_row_and_column(tmp_path):
+    from finetune.export import encode_rows
+
+    spec = CTRDataModule(str(generic(tmp_path)), cache_dir=str(tmp_path / "cache")).feature_spec
+    rows = pd.DataFrame({"user": ["u1", "u2"], "item": ["i1", "i2"], "price": [30.0, float("inf")]})
+    with pytest.raises(DataError, match=r"new.csv: row 2, column 'price': inf is out of range \(finite, at most"):
+        encode_rows(rows, spec, "new.csv")
+    assert encode_rows(rows.iloc[:1], spec)["price"].notna().all()

@@ -152,7 +152,8 @@ def test_model_onnx_scores_the_test_split_as_torch_does(tmp_path, ml100k_spec_an
         expected = model(test).numpy()
     assert logits.shape == (len(test["row"]),)
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(load_scorer(tmp_path / "export")(pd.DataFrame(index=range(3))).shape, (3,))
+    all_missing = pd.DataFrame({spec.user_field: [None] * 3})  # a column of the model, no value in it
+    np.testing.assert_allclose(load_scorer(tmp_path / "export")(all_missing).shape, (3,))
 
 
 def test_ctrl_score_new_rows_from_csv_and_parquet(tmp_path, capsys):

@@ -44,7 +44,8 @@ class TextData(CTRDataModule):
                           zip(r["gender"].tolist(), r["age"].tolist(), r["history"].tolist(), strict=True)],
             "item_text": [f"this is a movie, title is {t}, genre is {'|'.join(map(str, gs))}."
                           for t, gs in zip(r["title"].tolist(), r["genres"].tolist(), strict=True)],
-            "user_profile_text": [f"this is a user, gender is {g}." for g in r["gender"].tolist()]})
+            "user_profile_text": [f"this is a user, gender is {g}." for g in r["gender"].tolist()],
+            "label": r["label"].tolist()})
             for split in self.text_splits}
 
     text_splits = ("train", "val")

@@ -180,7 +180,7 @@ def test_rendering_once_per_entity_equals_rendering_every_row(ml100k, cache):
                 named = table.frame.drop_duplicates(f.shares_embedding)
                 names = dict(zip(named[f.shares_embedding], named[f.text_field], strict=True))
         for i, row in enumerate(part.to_dict("records")):
-            row["history"] = [names.get(h) or h for h in row["history"]]
+            row["history"] = [names.get(h, h) for h in row["history"]]
             slow = renderer.render(row)
             assert (fast.user_text.iloc[i], fast.item_text.iloc[i]) == (slow.user_text, slow.item_text), i
             assert fast.user_profile_text.iloc[i] == renderer.render({**row, "history": []}).user_text
@@ -214,17 +214,17 @@ def test_ml1m_layout_through_the_same_pipeline(tmp_path, encoding):
 def test_generic_csv_and_yaml_through_the_same_pipeline(tmp_path):
     dm = CTRDataModule(str(write_generic(tmp_path / "shop")), cache_dir=str(tmp_path / "cache"))
     train = dm.frame("train")
-    assert len(train) == 8 and list(train.timestamp) == sorted(train.timestamp)
+    assert len(train) == 16 and list(train.timestamp) == sorted(train.timestamp)
     text = train.user_text + " " + train.item_text
     assert text.iloc[7] == ("This is a user, gender is male, who has recently bought Blue Hat|Red Shoes."
                             " This is a product, title is Green Bag, tags is bag|green, price is 20.")
     assert text.iloc[2] == ("This is a user. This is a product, title is Green Bag, tags is bag|green.")
     assert train.user_profile_text.iloc[7] == "This is a user, gender is male."
     batch = next(iter(dm.train_dataloader()))
-    assert batch["price"].dtype == torch.float32 and batch["tags"].shape == (8, 2)
+    assert batch["price"].dtype == torch.float32 and batch["tags"].shape == (16, 2)
     assert (dm.feature_spec.user_field, dm.feature_spec.item_field) == ("user", "item")
-    mean, std = dm.feature_spec.numeric_stats["price"]
-    assert mean == pytest.approx(np.mean([30, 12.5, 12.5, 30, 30, 20, 20]))
+    mean, std = dm.feature_spec.numeric_stats["price"]  # train = ts 1..16; ts 3 has no price
+    assert mean == pytest.approx(np.mean([12.5, 12.5, 30, 30, 30, 20, 20, 12.5, 99, 20, 12.5, 12.5, 30, 30, 20]))
 
 
 def test_preparation_and_the_scorer_key_every_dtype_the_same_way(tmp_path):

@@ -101,3 +101,16 @@ def test_non_finite_loss_stops_training_without_a_checkpoint(spec, tmp_path):
     with pytest.raises(NonFiniteLossError, match="loss became nan at epoch 0, step 0.*Lower the learning rate"):
         trainer.fit(CTRModule(spec.to_dict(), TINY_DEEPFM), train_dataloaders=loader)
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_an_epoch_of_one_class_has_an_undefined_auc_not_zero():
+    from finetune.module import DefinedAUROC
+
+    auc = DefinedAUROC()
+    auc.update(torch.tensor([0.2, 0.9, 0.4]), torch.tensor([1, 1, 1]))
+    assert torch.isnan(auc.compute())
+    auc.reset()
+    assert torch.isnan(auc.compute())  # no rows at all
+    scores, labels = torch.tensor([0.2, 0.9, 0.4, 0.3]), torch.tensor([0, 1, 1, 0])
+    auc.update(scores, labels)
+    assert auc.compute().item() == pytest.approx(rank_auc(scores.numpy(), labels.numpy()))
