@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 
 from ctrl.heads import AlignmentHeads
 from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
-from finetune.guards import check_resumed_checkpoint, require_finite
+from finetune.guards import check_resumed_checkpoint, require_finite, stamp_checkpoint
 from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, backbone_config, make_tower
 from towers.encoder import FrozenEncoder, Precision
@@ -130,7 +130,7 @@ class AlignmentModule(pl.LightningModule):
         self.encoder: FrozenEncoder | None = None  # a frozen tower, built in setup for the data module's cache
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["stage"] = 1  # read by checkpoint_stage: which stage wrote a checkpoint
+        stamp_checkpoint(checkpoint, 1)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resumed_checkpoint(checkpoint, 1, self.hparams.feature_spec)

@@ -3,6 +3,7 @@ stage 1)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -39,10 +40,35 @@ def read_checkpoint(path: Path, option: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{option}: no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{option} {path} is not a readable checkpoint ({e}); it may be truncated: pass"
                               " another one (e.g. the previous last.ckpt or best.ckpt)") from e
+    saved = checkpoint.get("state_sha256") if isinstance(checkpoint, dict) else None
+    if saved is not None and state_sha256(checkpoint.get("state_dict", {})) != saved:
+        raise CheckpointError(f"{option} {path}: its weights do not match the checksum saved with them (the file was"
+                              " damaged or modified); pass another checkpoint or train again")
+    return checkpoint
+
+
+def state_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names and bytes of a state dict's tensors: the zip inside a .ckpt checks no data, so a
+    flipped byte would otherwise load as a slightly different model."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        h.update(name.encode())
+        if isinstance(tensor, torch.Tensor):
+            h.update(str(tensor.dtype).encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def stamp_checkpoint(checkpoint: dict, stage: int) -> None:
+    """What each stage's module adds to every checkpoint it saves: its stage (read by checkpoint_stage) and the
+    checksum of its weights (verified by read_checkpoint)."""
+    checkpoint["stage"] = stage
+    checkpoint["state_sha256"] = state_sha256(checkpoint["state_dict"])
 
 
 def checkpoint_stage(checkpoint: dict) -> int | None:

@@ -30,6 +30,7 @@ from finetune.guards import (
     read_checkpoint,
     require_finite,
     spec_mismatch,
+    stamp_checkpoint,
 )
 from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, CTRModel, backbone_config, make_tower
@@ -128,7 +129,7 @@ class CTRModule(pl.LightningModule):
                 self.anchor = {name: p.detach().clone() for name, p in self.aligned_parameters()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["stage"] = 2  # read by checkpoint_stage: which stage wrote a checkpoint
+        stamp_checkpoint(checkpoint, 2)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resumed_checkpoint(checkpoint, 2, self.hparams.feature_spec)

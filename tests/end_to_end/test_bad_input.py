@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,17 @@ def truncated_ckpt(tmp: Path, run: Path) -> str:
     return str(damaged)
 
 
+def flipped_ckpt(tmp: Path, run: Path) -> str:
+    """The stage-2 best.ckpt with one byte flipped in the middle of its largest tensor: torch.load reads it."""
+    source = Path(ckpt(run, "finetune"))
+    data = bytearray(source.read_bytes())
+    largest = max((i for i in zipfile.ZipFile(source).infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data[largest.header_offset + 30 + len(largest.filename) + len(largest.extra) + largest.file_size // 2] ^= 0xFF
+    (tmp / "ckpt").mkdir()
+    (tmp / "ckpt" / "best.ckpt").write_bytes(data)
+    return str(tmp / "ckpt" / "best.ckpt")
+
+
 def not_a_model(tmp: Path) -> str:
     (tmp / "folder").mkdir()
     (tmp / "folder" / "README.md").write_text("my notes\n")
@@ -192,6 +204,12 @@ CASES = {
     "truncated checkpoint": Case(
         lambda tmp, run: ["test", *fit(run, "finetune")[1:], "--ckpt_path", truncated_ckpt(tmp, run)],
         ("--ckpt_path {tmp}/ckpt/last.ckpt is not a readable checkpoint", "truncated")),
+    "checkpoint with a flipped byte": Case(
+        lambda tmp, run: ["test", *fit(run, "finetune")[1:], "--ckpt_path", flipped_ckpt(tmp, run)],
+        ("--ckpt_path {tmp}/ckpt/best.ckpt: its weights do not match the checksum saved with them",)),
+    "export of a checkpoint with a flipped byte": Case(
+        lambda tmp, run: ["export", "--ckpt_path", flipped_ckpt(tmp, run), "--out", str(tmp / "export")],
+        ("{tmp}/ckpt/best.ckpt: its weights do not match the checksum",)),
     "non-finite loss during training": Case(
         lambda tmp, run: fit(run, "finetune", "--model.init_args.lr", "1e30"),
         ("the training loss became", "training stopped before saving it", "Lower the learning rate")),
