@@ -110,7 +110,8 @@ def test_an_epoch_of_one_class_has_an_undefined_auc_not_zero():
     auc.update(torch.tensor([0.2, 0.9, 0.4]), torch.tensor([1, 1, 1]))
     assert torch.isnan(auc.compute())
     auc.reset()
-    assert torch.isnan(auc.compute())  # no rows at all
+    with pytest.warns(UserWarning, match="before the ``update`` method"):  # torchmetrics' own notice
+        assert torch.isnan(auc.compute())  # no rows at all
     scores, labels = torch.tensor([0.2, 0.9, 0.4, 0.3]), torch.tensor([0, 1, 1, 0])
     auc.update(scores, labels)
     assert auc.compute().item() == pytest.approx(rank_auc(scores.numpy(), labels.numpy()))
