@@ -197,10 +197,14 @@ def item_catalog(table: Table, spec: FeatureSpec, template: str | dict[str, str]
 def warn_long_values(table: Table) -> None:
     """Say which rendered fields hold values longer than a text takes (they are cut to MAX_VALUE_CHARS)."""
     for f in table.fields:
-        if f.text_name is None or f.name not in table.frame or table.frame[f.name].dtype != object:
+        if f.text_name is None or f.name not in table.frame or pd.api.types.is_numeric_dtype(table.frame[f.name]):
             continue
-        values = table.frame[f.name].drop_duplicates()
-        long = int(values.map(lambda v: isinstance(v, str) and len(v) > MAX_VALUE_CHARS).sum())
+        values = table.frame[f.name]
+        if isinstance(values.dtype, pd.StringDtype):
+            too_long = values.str.len() > MAX_VALUE_CHARS
+        else:  # object: strings, lists, missing values
+            too_long = values.map(lambda v: isinstance(v, str) and len(v) > MAX_VALUE_CHARS)
+        long = values[too_long.fillna(False).astype(bool)].nunique()
         if long:
             print(f"warning: {long} distinct value(s) of field {f.name!r} are longer than {MAX_VALUE_CHARS}"
                   f" characters; their text is cut to the first {MAX_VALUE_CHARS}", file=sys.stderr)

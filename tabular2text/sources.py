@@ -152,7 +152,7 @@ def read_lines(path: Path, sep: str, columns: list[str]) -> pd.DataFrame:
                             f" {len(parts)} in {line[:80]!r}; is this the right file and format?")
         rows.append(parts)
         positions.append(position)
-    return pd.DataFrame(rows, columns=columns, index=positions, dtype=object)
+    return pd.DataFrame(rows, columns=columns, index=positions)
 
 
 def unique_ids(frame: pd.DataFrame, key: str, path: Path, first_line: int = 1) -> None:
@@ -231,9 +231,9 @@ def movielens_tables(ratings_path: Path, ratings: pd.DataFrame, users_path: Path
 
 def movielens_items(rows: pd.DataFrame, genres: pd.Series) -> pd.DataFrame:
     """item_id, title (the year split off, a trailing article moved to the front), genres, release_year."""
-    split = rows["raw_title"].map(split_title)
-    return pd.DataFrame({"item_id": rows["item_id"], "title": split.str[0], "genres": genres,
-                         "release_year": split.str[1]}, index=rows.index)
+    titles, years = zip(*map(split_title, rows["raw_title"]), strict=True) if len(rows) else ((), ())
+    return pd.DataFrame({"item_id": rows["item_id"], "title": list(titles), "genres": genres,
+                         "release_year": list(years)}, index=rows.index)
 
 
 def read_movielens_100k(directory: Path, history_length: int = 10) -> Table:
