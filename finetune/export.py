@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from tabular2text.atomic import atomic_path, file_sha256
+from tabular2text.atomic import atomic_path, file_sha256, first_mismatch
 from tabular2text.encode import encode_column, frame_to_tensors
 from tabular2text.schema import FeatureSpec, vocab_key
 from tabular2text.sources import DataError, out_of_range
@@ -85,12 +85,12 @@ def load_model(export_dir: str | Path) -> tuple[CTRModel, FeatureSpec]:
     if unchecked:  # an edited model.json must not turn verification off
         raise ValueError(f"{meta_path}: no checksum for {', '.join(unchecked)}; the export was modified, export the"
                          " model again")
-    for name, digest in checksums.items():
-        if not (d / name).is_file():
-            raise FileNotFoundError(f"{d / name} is missing: the export is incomplete; export the model again")
-        if file_sha256(d / name) != digest:
-            raise ValueError(f"{d / name} does not match its checksum in model.json (truncated or modified);"
-                             " export the model again")
+    bad = first_mismatch(d, checksums)
+    if bad and not (d / bad).is_file():
+        raise FileNotFoundError(f"{d / bad} is missing: the export is incomplete; export the model again")
+    if bad:
+        raise ValueError(f"{d / bad} does not match its checksum in model.json (truncated or modified);"
+                         " export the model again")
     backbone = meta["backbone"]
     if isinstance(backbone, str):  # version 1
         if backbone not in BACKBONES:

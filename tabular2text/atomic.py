@@ -90,3 +90,11 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def first_mismatch(directory: Path, checksums: dict[str, str]) -> str | None:
+    """The first file named in `checksums` that is missing from `directory` or differs from its sha256."""
+    for name, digest in checksums.items():
+        if not (directory / name).is_file() or file_sha256(directory / name) != digest:
+            return name
+    return None

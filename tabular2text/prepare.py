@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tabular2text.atomic import atomic_path, file_sha256
+from tabular2text.atomic import atomic_path, file_sha256, first_mismatch
 from tabular2text.encode import encode_column, flatten_lists, missing_mask
 from tabular2text.schema import OOV, FeatureSpec
 from tabular2text.sources import DataError, Table, read_table
@@ -248,10 +248,7 @@ def damaged_file(prepared: Path) -> str | None:
         checksums = json.loads((prepared / "meta.json").read_text())["sha256"]
     except (ValueError, KeyError):
         return "meta.json"
-    for name, digest in checksums.items():
-        if not (prepared / name).is_file() or file_sha256(prepared / name) != digest:
-            return name
-    return None
+    return first_mismatch(prepared, checksums)
 
 
 def prepare(data: str | Path, cache_dir: str | Path | None = None, history_length: int = 10,
@@ -263,7 +260,6 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
     except ValueError as e:
         raise DataError(f"template: {e}") from None
     table = read_table(Path(data).expanduser(), history_length)
-    warn_long_values(table)
     options = {"history_length": history_length, "template": template, "split": SPLIT_FRACTIONS}
     if val_fold:  # absent for fold 0, so caches prepared before folds existed stay valid
         options["val_fold"] = val_fold
@@ -276,6 +272,7 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
         warnings.warn(f"prepared data {out}: {damaged} does not match its checksum (truncated or modified);"
                       " preparing it again", stacklevel=2)
 
+    warn_long_values(table)  # once, when the texts are rendered; a cached result was warned about then
     parts = labelled_splits(table, val_fold)
     spec = build_spec(table, parts["train"])
 
