@@ -18,23 +18,23 @@ Data errors print one clear line and exit with status 2; nothing is half-written
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
 from pathlib import Path
 
+import pandas as pd
 from jsonargparse import CLI
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from ctrl.bench import bench
-from ctrl.lightning import lightning_cli
-from ctrl.pipeline import finish_wandb, run
-from finetune.export import Scorer, load_scorer
 from finetune.guards import CheckpointError, ConfigError, NonFiniteLossError
-from finetune.module import export_checkpoint, load_stage2
-from finetune.score import score_file
-from tabular2text.datamodule import CTRDataModule
+from tabular2text.download import ensure_movielens_100k
+from tabular2text.prepare import SPLITS
+from tabular2text.prepare import prepare as prepare_data
 from tabular2text.sources import DataError
+
+# Each command imports what it needs when it runs: `ctrl prepare` does not wait for Lightning (7 s here).
 
 
 def prepare(*, data_dir: str, download: bool = False, history_length: PositiveInt = 10,
@@ -51,14 +51,16 @@ def prepare(*, data_dir: str, download: bool = False, history_length: PositiveIn
         cache_dir: where prepared data lives (default $CTRL_CACHE_DIR or ~/.cache/ctrl-rec).
         show: how many rendered texts of the train split to print.
     """
-    dm = CTRDataModule(data_dir, download=download, history_length=history_length, template=template,
-                       cache_dir=cache_dir)
-    print(f"prepared: {dm.prepared_dir}")
+    if download:
+        ensure_movielens_100k(Path(data_dir).expanduser())
+    prepared = prepare_data(data_dir, cache_dir, history_length, template)
+    print(f"prepared: {prepared}")
     print(f"{'split':<6} {'rows':>8} {'positive rate':>14}")
-    for split in ("train", "val", "test"):
-        labels = dm.frame(split)["label"]
+    for split in SPLITS:
+        labels = pd.read_parquet(prepared / f"{split}.parquet", columns=["label"])["label"]
         print(f"{split:<6} {len(labels):>8} {labels.mean():>14.4f}")
-    for user, item in zip(*(texts[:show] for texts in dm.texts("train")), strict=True):
+    texts = pd.read_parquet(prepared / "train.parquet", columns=["user_text", "item_text"]).head(show)
+    for user, item in texts.itertuples(index=False):
         print(f"\n{user} {item}")
 
 
@@ -81,6 +83,8 @@ def export(*, ckpt_path: str, out: str) -> None:
         ckpt_path: a checkpoint of `ctrl fit` with a finetune_*.yaml config, e.g. .../checkpoints/best.ckpt.
         out: the export directory; an existing one is replaced only once the new export is complete.
     """
+    from finetune.module import export_checkpoint
+
     print(f"exported: {export_checkpoint(ckpt_path, out)}")
 
 
@@ -94,6 +98,10 @@ def score(*, model: str, rows: str, out: str = "scores.parquet", batch_size: Pos
         out: the parquet file to write; an existing one is replaced only once the new one is complete.
         batch_size: rows per forward pass.
     """
+    from finetune.export import Scorer, load_scorer
+    from finetune.module import load_stage2
+    from finetune.score import score_file
+
     if Path(model).is_dir():
         scorer = load_scorer(model, batch_size)
     else:
@@ -103,7 +111,17 @@ def score(*, model: str, rows: str, out: str = "scores.parquet", batch_size: Pos
     print(f"scored {len(scores)} rows -> {out}")
 
 
-COMMANDS = {"prepare": prepare, "run": run, "bench": bench, "export": export, "score": score}
+COMMANDS = {"prepare": prepare, "run": "ctrl.pipeline:run", "bench": "ctrl.bench:bench", "export": export,
+            "score": score}
+
+
+def command(name: str):
+    """The function of a command; `run` and `bench` live in modules that import Lightning."""
+    target = COMMANDS[name]
+    if isinstance(target, str):
+        module, function = target.split(":")
+        target = getattr(importlib.import_module(module), function)
+    return target
 
 
 def main(args: list[str] | None = None) -> None:
@@ -116,8 +134,10 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(0 if argv else 2)
     try:
         if argv and argv[0] in COMMANDS:
-            CLI(COMMANDS, args=argv)
+            CLI({argv[0]: command(argv[0])}, args=argv)
         else:
+            from ctrl.lightning import lightning_cli
+
             lightning_cli(args)
     except Exception as e:  # the one error boundary: a line, never a traceback (CTRL_DEBUG=1 shows it)
         problem = user_error(e)
@@ -130,7 +150,10 @@ def main(args: list[str] | None = None) -> None:
         print("error: " + " ".join(str(problem).split()), file=sys.stderr)
         raise SystemExit(2) from None
     finally:
-        finish_wandb()
+        if "wandb" in sys.modules:  # a training command ran: close its W&B run, so its files are complete
+            from ctrl.pipeline import finish_wandb
+
+            finish_wandb()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import itertools
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from tabular2text.schema import PAD, FeatureSpec, Field
@@ -15,28 +17,58 @@ from tabular2text.schema import PAD, FeatureSpec, Field
 def missing_mask(values: pd.Series) -> np.ndarray:
     """`is_missing` of every scalar value, vectorised: None, NaN, "" and "nan" (any case)."""
     mask = values.isna().to_numpy().copy()
-    if values.dtype == object:
+    if not pd.api.types.is_numeric_dtype(values.dtype):
         text = values[~mask].astype(str)
         mask[~mask] = ((text == "") | (text.str.lower() == "nan")).to_numpy()
     return mask
 
 
+def is_arrow_list(values: pd.Series) -> bool:
+    kind = getattr(values.dtype, "pyarrow_dtype", None)
+    return kind is not None and (pa.types.is_list(kind) or pa.types.is_large_list(kind))
+
+
+def arrow_lists(offsets: np.ndarray, flat: pa.Array | np.ndarray) -> pa.Array:
+    """A column of lists without a Python list per row: row k holds flat[offsets[k]:offsets[k + 1]]."""
+    kind = pa.ListArray if len(flat) < 2**31 else pa.LargeListArray
+    return kind.from_arrays(offsets, flat)
+
+
+def list_series(offsets: np.ndarray, flat: pa.Array | np.ndarray, index: pd.Index) -> pd.Series:
+    return pd.Series(pd.arrays.ArrowExtensionArray(arrow_lists(offsets, flat)), index=index)
+
+
 def flatten_lists(values: pd.Series) -> tuple[pd.Series, np.ndarray]:
-    """Every element of a column of lists, in order, and the row each came from."""
+    """Every element of a column of lists (Python lists or an Arrow list column), in order, and the row
+    each came from."""
+    if is_arrow_list(values):
+        lists = pa.array(values)
+        lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+        rows = pc.list_parent_indices(lists).to_numpy()
+        return pd.Series(pd.arrays.ArrowExtensionArray(lists.flatten())), rows
     lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
     flat = pd.Series(list(itertools.chain.from_iterable(values)), dtype=object)
     return flat, np.repeat(np.arange(len(values)), lengths)
 
 
+def row_offsets(rows: np.ndarray, n: int) -> np.ndarray:
+    """Where each of n rows starts in a flat array whose elements' (sorted) rows are `rows`, and the end."""
+    return np.searchsorted(rows, np.arange(n + 1))
+
+
 def vocabulary_ids(values: pd.Series, vocabulary: list[str]) -> np.ndarray:
-    """Scalar raw values -> ids: 0 missing, 1 unseen, known values from 2 on."""
-    ids = pd.Index(vocabulary, dtype=object).get_indexer(values.astype(object)) + 2  # -1 (unseen) -> OOV
-    ids[missing_mask(values)] = PAD
-    return ids
+    """Scalar raw values -> ids: 0 missing, 1 unseen, known values from 2 on. Each distinct value is
+    looked up once."""
+    codes, uniques = pd.factorize(values)  # missing values: code -1
+    uniques = pd.Series(uniques)
+    ids = pd.Index(vocabulary, dtype=object).get_indexer(uniques.astype(object)) + 2  # -1 (unseen) -> OOV
+    ids[missing_mask(uniques)] = PAD
+    return np.append(ids, PAD)[codes]
 
 
 def encode_column(values: pd.Series, f: Field, spec: FeatureSpec) -> pd.Series | np.ndarray:
-    """Raw values -> ids (categorical: 0 missing, 1 unseen) or padded id lists; numbers standardised."""
+    """Raw values -> ids (categorical: 0 missing, 1 unseen) or id lists (an Arrow list column); numbers
+    standardised."""
     if f.kind == "numeric":
         mean, std = spec.numeric_stats[f.name]
         return ((values.astype("float64") - mean) / std).fillna(0.0).to_numpy(np.float32)
@@ -50,15 +82,14 @@ def encode_column(values: pd.Series, f: Field, spec: FeatureSpec) -> pd.Series |
     ids, row = ids[keep], row[keep]
     from_end = np.bincount(row, minlength=len(values))[row] - (np.arange(len(row)) - np.searchsorted(row, row))
     ids, row = ids[from_end <= f.max_len], row[from_end <= f.max_len]
-    bounds = np.searchsorted(row, np.arange(1, len(values)))
-    return pd.Series([part.tolist() for part in np.split(ids, bounds)], index=values.index, dtype=object)
+    return list_series(row_offsets(row, len(values)), ids.astype(np.int64), values.index)
 
 
 def pad_lists(values: pd.Series, max_len: int) -> torch.Tensor:
     """Lists of ids -> [N, max_len] LongTensor, 0-padded at the end."""
+    flat, row = flatten_lists(values)
     out = np.zeros((len(values), max_len), dtype=np.int64)
-    for i, v in enumerate(values):
-        out[i, : len(v)] = v
+    out[row, np.arange(len(row)) - np.searchsorted(row, row)] = flat.to_numpy(np.int64)
     return torch.from_numpy(out)
 
 

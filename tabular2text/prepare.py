@@ -21,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from tabular2text.atomic import atomic_path, file_sha256, first_mismatch
-from tabular2text.encode import encode_column, flatten_lists, missing_mask
+from tabular2text.encode import arrow_lists, encode_column, flatten_lists, list_series, missing_mask, row_offsets
 from tabular2text.schema import OOV, FeatureSpec
 from tabular2text.sources import DataError, Table, read_table
 from tabular2text.templates import MAX_VALUE_CHARS, TextRenderer, format_value, is_missing, preset
@@ -68,10 +71,12 @@ def build_history(frame: pd.DataFrame, user: str, item: str, timestamp: str | No
     time_start = np.maximum.accumulate(np.where(new_time, position, 0))  # rows before it are strictly earlier
     first = np.maximum(user_start, time_start - length)
     first[u < 0] = time_start[u < 0]  # a row without a user has no history
-    items = frame[item].to_numpy()[order]
-    history = np.empty(len(frame), dtype=object)
-    history[order] = [items[a:b].tolist() for a, b in zip(first.tolist(), time_start.tolist(), strict=True)]
-    return pd.Series(history, index=frame.index)
+    starts, ends = np.empty(len(frame), dtype=np.int64), np.empty(len(frame), dtype=np.int64)
+    starts[order], ends[order] = first, time_start  # each row's window of `order`, in the rows' own order
+    offsets = np.r_[0, np.cumsum(ends - starts)]
+    window = np.repeat(starts - offsets[:-1], ends - starts) + np.arange(offsets[-1])
+    items = pa.array(frame[item].to_numpy(object)[order], from_pandas=True)
+    return list_series(offsets, items.take(window), frame.index)
 
 
 def make_labels(frame: pd.DataFrame, table: Table) -> pd.Series:
@@ -87,11 +92,14 @@ def make_labels(frame: pd.DataFrame, table: Table) -> pd.Series:
     return labels
 
 
-def fit_vocabulary(values: pd.Series) -> list[str]:
-    """Known values of a column (lists: of their elements), frequent first, ties by value: deterministic."""
-    lists = values.map(type).eq(list).to_numpy()  # e.g. item ids joined with the histories of item ids
-    values = pd.concat([values[~lists].astype(object), flatten_lists(values[lists])[0]], ignore_index=True)
-    counts = values[~missing_mask(values)].value_counts(sort=False)
+def fit_vocabulary(columns: list[pd.Series]) -> list[str]:
+    """Known values of some columns of values (e.g. item ids and the elements of histories of item ids),
+    frequent first, ties by value: deterministic."""
+    counts = []
+    for values in columns:
+        values = values[~missing_mask(values)].value_counts(sort=False)
+        counts.append(values.set_axis(values.index.astype(object)))
+    counts = pd.concat(counts).groupby(level=0, sort=False).sum()
     return sorted(counts.index, key=lambda k: (-counts[k], k))
 
 
@@ -107,11 +115,10 @@ def build_spec(table: Table, train: pd.DataFrame) -> FeatureSpec:
         if f.kind == "sequence":
             fields.append(f)
             continue
-        values = train[f.name]
         sequences = [s for s in table.fields if s.kind == "sequence" and s.shares_embedding == f.name]
-        if sequences:  # history items seen in training count as known items
-            values = pd.concat([values, *(train[s.name] for s in sequences)], ignore_index=True)
-        vocabularies[f.name] = fit_vocabulary(values)
+        values = train[f.name] if f.kind == "categorical" else flatten_lists(train[f.name])[0]
+        # history items seen in training count as known items
+        vocabularies[f.name] = fit_vocabulary([values, *(flatten_lists(train[s.name])[0] for s in sequences)])
         max_len = f.max_len
         if f.kind == "multi_valued":
             max_len = max(1, int(train[f.name].map(len).max()))
@@ -153,23 +160,29 @@ def render_texts(frame: pd.DataFrame, table: Table, spec: FeatureSpec, template:
         if f.text_field:  # history items are named by an item field (the title), else by their raw id
             named = table.frame.drop_duplicates(f.shares_embedding)
             names = dict(zip(named[f.shares_embedding], named[f.text_field], strict=True))
-        labels: dict[object, str | None] = {}
-
-        def label(item: object, names: dict = names, labels: dict = labels) -> str | None:
-            if item not in labels:
-                name = names.get(item, item)  # an item with a missing title is left out, not named by id
-                labels[item] = None if is_missing(name) else format_value(name)
-            return labels[item]
-
-        sep, glue = renderer.templates.value_sep, renderer.templates.feature_sep
-        for i, history in enumerate(frame[f.name]):
-            joined = sep.join([x for x in map(label, history) if x is not None])
-            if joined:
-                user_texts[i] = user_texts[i] + glue + renderer.behavior(joined)
-    close = np.vectorize(renderer.close_user, otypes=[object])
+        flat, row = flatten_lists(frame[f.name])
+        codes, distinct = pd.factorize(flat)  # each history item named once; a missing one (code -1) not at all
+        titles = [names.get(item, item) for item in distinct]  # a missing title leaves the item out, not its id
+        labels = np.array([None if is_missing(t) else format_value(t) for t in titles] + [None], dtype=object)[codes]
+        shown = pd.notna(labels)
+        lists = arrow_lists(row_offsets(row[shown], len(frame)), pa.array(labels[shown], type=pa.string()))
+        joined = pc.binary_join(lists, renderer.templates.value_sep).to_numpy(zero_copy_only=False)
+        some = joined != ""
+        user_texts[some] = user_texts[some] + renderer.templates.feature_sep + behavior(renderer, joined[some])
+    end = renderer.templates.side_sep.rstrip()  # close_user(s) is s + end unless side_sep is all whitespace
+    close = (lambda texts: texts + end) if end else np.vectorize(renderer.close_user, otypes=[object])
     items = render_distinct(frame, renderer.item_fields, renderer.item_sentence)
     return pd.DataFrame({"user_text": close(user_texts), "item_text": items,
                          "user_profile_text": close(profiles)}, index=frame.index)
+
+
+def behavior(renderer: TextRenderer, joined: np.ndarray) -> np.ndarray:
+    """`renderer.behavior` of each joined item list: the template's text around `{items}`, added in one go."""
+    text = renderer.behavior("\0")
+    if text.count("\0") != 1 or "\0" in renderer.history_action:  # `{items}` not once: format each
+        return np.array([renderer.behavior(j) for j in joined], dtype=object)
+    head, _, tail = text.partition("\0")
+    return head + joined + tail
 
 
 def render_distinct(frame: pd.DataFrame, fields: list, sentence) -> np.ndarray:
@@ -286,10 +299,10 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
             columns["label"] = part["label"].to_numpy(np.int8)
             if table.timestamp:
                 columns["timestamp"] = part[table.timestamp].to_numpy()
-            frame = pd.DataFrame(columns)
-            texts = render_texts(part, table, spec, template)
-            frame[list(texts.columns)] = texts.to_numpy()
-            frame.to_parquet(tmp / f"{split}.parquet", index=False)
+            columns.update(render_texts(part, table, spec, template).items())
+            # written by Arrow: lists stay Arrow lists (no Python list per row); pandas reads them back as arrays
+            pq.write_table(pa.table({name: pa.array(values) for name, values in columns.items()}),
+                           tmp / f"{split}.parquet")
             sizes[split] = {"rows": len(part), "positive_rate": float(part["label"].mean())}
         if spec.item_field:
             item_catalog(table, spec, template).to_parquet(tmp / "items.parquet", index=False)

@@ -13,7 +13,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from tabular2text.schema import KINDS, SIDES, Field, LabelRule, vocab_key
@@ -136,23 +139,27 @@ def decode(raw: bytes, path: Path) -> str:
 
 def read_lines(path: Path, sep: str, columns: list[str]) -> pd.DataFrame:
     """Read a delimited text file strictly: every line must have one value per column. The frame's index is
-    each row's 0-based line position (line number - 1), so errors found later still name the line."""
+    each row's 0-based line position (line number - 1), so errors found later still name the line. Lines are
+    checked and split by Arrow, all at once."""
     if not path.is_file():
         raise DataError(f"missing file: {path}")
-    rows, positions = [], []
-    for position, line in enumerate(decode(path.read_bytes(), path).splitlines()):
-        if not line.strip():
-            continue
-        if len(line) > MAX_LINE_CHARS:
+    lines = decode(path.read_bytes(), path).splitlines()
+    positions = np.flatnonzero([bool(line.strip()) for line in lines])
+    lines = pa.array([lines[i] for i in positions], type=pa.large_string())
+    too_long = pc.utf8_length(lines).to_numpy() > MAX_LINE_CHARS
+    wrong = pc.count_substring(lines, sep).to_numpy() != len(columns) - 1
+    if too_long.any() or wrong.any():
+        i = int((too_long | wrong).argmax())
+        line, position = lines[i].as_py(), positions[i]
+        if too_long[i]:
             raise DataError(f"{path}:{position + 1}: the line is {len(line):,} characters long, more than the"
                             f" {MAX_LINE_CHARS:,} a line may hold; is this the right file? Shorten or remove it")
-        parts = line.split(sep)
-        if len(parts) != len(columns):
-            raise DataError(f"{path}:{position + 1}: expected {len(columns)} {sep!r}-separated columns, found"
-                            f" {len(parts)} in {line[:80]!r}; is this the right file and format?")
-        rows.append(parts)
-        positions.append(position)
-    return pd.DataFrame(rows, columns=columns, index=positions)
+        raise DataError(f"{path}:{position + 1}: expected {len(columns)} {sep!r}-separated columns, found"
+                        f" {len(line.split(sep))} in {line[:80]!r}; is this the right file and format?")
+    values = pc.split_pattern(lines, sep).flatten()
+    step = np.arange(0, len(values), len(columns))
+    return pd.DataFrame({c: pd.Series(values.take(step + j), dtype="str", index=positions)
+                         for j, c in enumerate(columns)}, index=positions)
 
 
 def unique_ids(frame: pd.DataFrame, key: str, path: Path, first_line: int = 1) -> None:

@@ -161,19 +161,28 @@ def test_the_data_module_serves_each_batch_its_text(bert_dir, tmp_path):
         dm.serve_text(encoder=reference, granularity="user")
 
 
-def test_rendering_once_per_entity_equals_rendering_every_row(ml100k, cache):
-    """prepare renders each distinct user and item once and only the behavior phrase per row; that must give
-    exactly the text of TextRenderer.render on every row (ML-100K train and the generic shop data)."""
+# The default; `{items}` twice, which is formatted per row; no `{items}`; a side separator of whitespace only.
+TEMPLATES = ["natural", {"behavior": "who {action} {items}, then again {items}"}, {"behavior": "who has a past"},
+             {"side_sep": " ", "feature_sep": "; "}]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_rendering_once_per_entity_equals_rendering_every_row(ml100k, cache, template):
+    """prepare renders each distinct user and item once and joins the behavior phrases of all rows at once;
+    that must give exactly the text of TextRenderer.render on every row (ML-100K train and the generic shop
+    data)."""
     from tabular2text.prepare import labelled_splits, render_texts
     from tabular2text.sources import read_table
     from tabular2text.templates import TextRenderer, preset
 
-    for source in (ML100K, write_generic(Path(str(cache)) / "shop-render")):
-        dm = CTRDataModule(str(source), cache_dir=str(cache))
+    for source in (ML100K, write_generic(Path(str(cache)) / f"shop-render-{TEMPLATES.index(template)}")):
+        dm = CTRDataModule(str(source), cache_dir=str(cache), template=template)
         table, spec = read_table(Path(source), 10), dm.feature_spec
         part = labelled_splits(table)["train"]
-        renderer = TextRenderer(spec.fields, preset("natural"), spec.item_noun, spec.history_action)
-        fast = render_texts(part, table, spec, "natural")
+        if template != "natural":
+            part = part.iloc[-3000:]  # the user side is what differs; 3,000 rows of long histories are enough
+        renderer = TextRenderer(spec.fields, preset(template), spec.item_noun, spec.history_action)
+        fast = render_texts(part, table, spec, template)
         names = {}
         for f in spec.fields:
             if f.kind == "sequence" and f.text_field:
@@ -184,7 +193,50 @@ def test_rendering_once_per_entity_equals_rendering_every_row(ml100k, cache):
             slow = renderer.render(row)
             assert (fast.user_text.iloc[i], fast.item_text.iloc[i]) == (slow.user_text, slow.item_text), i
             assert fast.user_profile_text.iloc[i] == renderer.render({**row, "history": []}).user_text
-        assert dm.texts("train") == (fast.user_text.tolist(), fast.item_text.tolist())
+        if template == "natural":
+            assert dm.texts("train") == (fast.user_text.tolist(), fast.item_text.tolist())
+
+
+def test_list_columns_encode_and_pad_alike_from_python_and_arrow_lists():
+    """Preparation hands Arrow list columns (no Python list per row) to the encoder, the scorer Python lists:
+    both give the same ids, keep the newest max_len known entries, and pad the same."""
+    import pyarrow as pa
+
+    from tabular2text.encode import encode_column, pad_lists
+    from tabular2text.schema import Field
+
+    spec = FeatureSpec(fields=(Field("item", "categorical", "item", vocab_size=5),
+                               Field("history", "sequence", "user", max_len=2, shares_embedding="item",
+                                     vocab_size=5)),
+                       vocabularies={"item": ["a", "b", "c"]}, numeric_stats={})
+    rows = [["a", "b", "c"], [], ["z", None, "b"], ["", "c"]]
+    python = pd.Series(rows, dtype=object)
+    arrow = pd.Series(pd.arrays.ArrowExtensionArray(pa.array(rows, type=pa.list_(pa.string()))))
+    for values in (python, arrow):
+        ids = encode_column(values, spec["history"], spec)
+        assert ids.tolist() == [[3, 4], [], [1, 3], [4]]  # unseen z: 1; None and "": dropped; newest two kept
+        assert pad_lists(ids, 2).tolist() == [[3, 4], [0, 0], [1, 3], [4, 0]]
+
+
+def test_an_empty_value_is_missing_in_training_as_in_serving(tmp_path):
+    """A user without a zip code (an empty last column in users.dat) gets the padding id, not the unseen one,
+    in the prepared data as in the exported model's encoder, and no "zip code" in its text."""
+    from finetune.export import encode_rows
+    from tabular2text.prepare import labelled_splits
+    from tabular2text.sources import read_table
+
+    write_ml1m(tmp_path / "ml-1m", "utf-8")
+    users = (tmp_path / "ml-1m" / "users.dat").read_text().splitlines()
+    users[0] = users[0].rsplit("::", 1)[0] + "::"
+    (tmp_path / "ml-1m" / "users.dat").write_text("\n".join(users) + "\n")
+    user = users[0].split("::")[0]
+    dm = CTRDataModule(str(tmp_path / "ml-1m"), cache_dir=str(tmp_path / "cache"))
+    raw = pd.concat(labelled_splits(read_table(tmp_path / "ml-1m")).values(), ignore_index=True)
+    prepared = pd.concat([dm.frame(s) for s in ("train", "val", "test")], ignore_index=True)
+    mine = (raw["user_id"] == user).to_numpy()
+    assert mine.any() and (prepared["zip_code"][mine] == 0).all() and (prepared["zip_code"][~mine] > 1).all()
+    assert encode_rows(raw[mine], dm.feature_spec)["zip_code"].eq(0).all()
+    assert not prepared["user_text"][mine].str.contains("zip code").any()
 
 
 def test_item_catalog_names_every_known_item_once(ml100k, cache):
