@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tabular2text.download import ensure_movielens_100k
 from tabular2text.encode import frame_to_tensors
-from tabular2text.prepare import SPLITS, default_cache_dir, prepare
+from tabular2text.prepare import SPLITS, default_cache_dir, prepare, read_split
 from tabular2text.schema import FeatureSpec
 from tabular2text.sources import DataError
 from tabular2text.text_vectors import FrozenText, TextEncoder, TextVectorCache, Tokenize, TokenizedText, with_text
@@ -122,7 +122,7 @@ class CTRDataModule(pl.LightningDataModule):
         if split not in (*SPLITS, *self.text_splits):
             raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         if split not in self._frames:
-            self._frames[split] = pd.read_parquet(self.prepared_dir / f"{split}.parquet")
+            self._frames[split] = read_split(self.prepared_dir / f"{split}.parquet")
         return self._frames[split]
 
     def texts(self, split: str) -> tuple[list[str], list[str]]:

@@ -255,6 +255,11 @@ def labelled_splits(table: Table, val_fold: int = 0) -> dict[str, pd.DataFrame]:
     return split_frame(frame[frame["label"].notna()].reset_index(drop=True), table.name, val_fold)
 
 
+def read_split(path: Path) -> pd.DataFrame:
+    """A prepared split as written: list columns (id lists) come back as Arrow lists, not an array per row."""
+    return pq.read_table(path).to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) else None)
+
+
 def damaged_file(prepared: Path) -> str | None:
     """The first file of a prepared result that is missing or differs from its checksum in meta.json."""
     try:
