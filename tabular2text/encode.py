@@ -23,9 +23,13 @@ def missing_mask(values: pd.Series) -> np.ndarray:
     return mask
 
 
+def is_list_type(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
+
+
 def is_arrow_list(values: pd.Series) -> bool:
     kind = getattr(values.dtype, "pyarrow_dtype", None)
-    return kind is not None and (pa.types.is_list(kind) or pa.types.is_large_list(kind))
+    return kind is not None and is_list_type(kind)
 
 
 def arrow_lists(offsets: np.ndarray, flat: pa.Array | np.ndarray) -> pa.Array:
@@ -56,6 +60,11 @@ def row_offsets(rows: np.ndarray, n: int) -> np.ndarray:
     return np.searchsorted(rows, np.arange(n + 1))
 
 
+def position_in_row(rows: np.ndarray) -> np.ndarray:
+    """Each element's position within its row, for elements whose (sorted) rows are `rows`."""
+    return np.arange(len(rows)) - np.searchsorted(rows, rows)
+
+
 def vocabulary_ids(values: pd.Series, vocabulary: list[str]) -> np.ndarray:
     """Scalar raw values -> ids: 0 missing, 1 unseen, known values from 2 on. Each distinct value is
     looked up once."""
@@ -80,7 +89,7 @@ def encode_column(values: pd.Series, f: Field, spec: FeatureSpec) -> pd.Series |
     ids = vocabulary_ids(flat, vocabulary)
     keep = ids != PAD
     ids, row = ids[keep], row[keep]
-    from_end = np.bincount(row, minlength=len(values))[row] - (np.arange(len(row)) - np.searchsorted(row, row))
+    from_end = np.bincount(row, minlength=len(values))[row] - position_in_row(row)
     ids, row = ids[from_end <= f.max_len], row[from_end <= f.max_len]
     return list_series(row_offsets(row, len(values)), ids.astype(np.int64), values.index)
 
@@ -89,7 +98,7 @@ def pad_lists(values: pd.Series, max_len: int) -> torch.Tensor:
     """Lists of ids -> [N, max_len] LongTensor, 0-padded at the end."""
     flat, row = flatten_lists(values)
     out = np.zeros((len(values), max_len), dtype=np.int64)
-    out[row, np.arange(len(row)) - np.searchsorted(row, row)] = flat.to_numpy(np.int64)
+    out[row, position_in_row(row)] = flat.to_numpy(np.int64)
     return torch.from_numpy(out)
 
 

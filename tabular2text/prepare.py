@@ -26,7 +26,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tabular2text.atomic import atomic_path, file_sha256, first_mismatch
-from tabular2text.encode import arrow_lists, encode_column, flatten_lists, list_series, missing_mask, row_offsets
+from tabular2text.encode import (
+    arrow_lists,
+    encode_column,
+    flatten_lists,
+    is_list_type,
+    list_series,
+    missing_mask,
+    row_offsets,
+)
 from tabular2text.schema import OOV, FeatureSpec
 from tabular2text.sources import DataError, Table, read_table
 from tabular2text.templates import MAX_VALUE_CHARS, TextRenderer, format_value, is_missing, preset
@@ -257,7 +265,7 @@ def labelled_splits(table: Table, val_fold: int = 0) -> dict[str, pd.DataFrame]:
 
 def read_split(path: Path) -> pd.DataFrame:
     """A prepared split as written: list columns (id lists) come back as Arrow lists, not an array per row."""
-    return pq.read_table(path).to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) else None)
+    return pq.read_table(path).to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if is_list_type(t) else None)
 
 
 def damaged_file(prepared: Path) -> str | None:
@@ -305,7 +313,7 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
             if table.timestamp:
                 columns["timestamp"] = part[table.timestamp].to_numpy()
             columns.update(render_texts(part, table, spec, template).items())
-            # written by Arrow: lists stay Arrow lists (no Python list per row); pandas reads them back as arrays
+            # written by Arrow: id lists stay Arrow lists, no Python list per row (read back by `read_split`)
             pq.write_table(pa.table({name: pa.array(values) for name, values in columns.items()}),
                            tmp / f"{split}.parquet")
             sizes[split] = {"rows": len(part), "positive_rate": float(part["label"].mean())}
