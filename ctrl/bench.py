@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ctrl.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, stage_configs, timed, train
 from ctrl.probe import TransferProbe
-from ctrl.report import BASE, CTRL, append_record, command_line, read_records, write_report
+from ctrl.report import BASE, CTRL, append_record, command_line, machine, read_records, write_report
 from finetune.guards import ConfigError
 from tabular2text.atomic import atomic_write_text
 
@@ -159,7 +159,7 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
         "variant": variant.name, "backbone": backbone, "seed": seed,
         "metrics": {k: float(v) for k, v in metrics.items()}, "phases": phases, "epochs": epochs, **extra,
         **args, "overrides": variant_overrides(variant), "run_dir": str(run_dir),
-        "command": command_line(), "finished": datetime.now().isoformat(timespec="seconds"),
+        "command": command_line(), "machine": machine(), "finished": datetime.now().isoformat(timespec="seconds"),
     })
 
 

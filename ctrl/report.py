@@ -10,6 +10,7 @@ import os
 import platform
 import shlex
 import sys
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -63,6 +64,12 @@ def machine() -> str:
     """One line for a report: CPU, cores, architecture and the versions that decide speed and results."""
     return (f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}, Lightning"
             f" {pl.__version__}, Python {platform.python_version()}")
+
+
+def trained_on(records: list[dict]) -> str:
+    """The machines recorded with the runs (runs recorded before machines were: counted as not recorded)."""
+    counts = Counter(r.get("machine", "not recorded") for r in records)
+    return "; ".join(f"{name} ({n} runs)" for name, n in counts.items())
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
@@ -199,7 +206,7 @@ def write_report(records: list[dict], backbones: list[str], report: Path, plot: 
         "# Benchmark: CTRL vs the same backbone trained from scratch",
         "",
         f"Written by `{command_line()}` from `{results}` ({len(records)} runs) on {datetime.now():%Y-%m-%d}.",
-        f"Machine: {machine()}.",
+        f"Machines that trained the runs: {trained_on(records)}.",
         "",
         "Per backbone, over the seeds both variants ran: mean ± sample std (ddof 1) of the best-on-validation"
         " checkpoint's test metrics; RelaImpr = ((AUC_CTRL - 0.5) / (AUC_base - 0.5) - 1) x 100 of the means;"
