@@ -215,3 +215,47 @@ def test_wandb_offline_run_holds_validation_auc(tmp_path, cache, monkeypatch):
     main(["fit", *fit_args(tmp_path, cache, "--trainer.max_epochs", "2", "--ckpt_path", "last")])
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
+
+
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
+def test_align_weight_adds_stage_1_loss_through_the_loaded_heads_to_the_label_loss():
+    from functools import partial
+
+    import torch.nn.functional as F
+    from helpers import synthetic_batch, synthetic_spec
+
+    from ctrl.heads import AlignmentHeads
+    from ctrl.losses import coarse_loss, fine_loss
+    from finetune.module import CTRModule
+    from towers import DeepFM
+
+    spec = synthetic_spec()
+    module = CTRModule(spec.to_dict(), partial(DeepFM, embed_dim=4, mlp_dims=(8,)), align_weight=0.5).eval()
+    batch = synthetic_batch(spec)
+    batch["text"] = torch.randn(len(batch["label"]), 6, generator=torch.Generator().manual_seed(1))
+    plain = module.training_step(batch, 0).item()  # no stage-1 heads loaded: the label loss alone
+    features = module.model.tower(batch)
+    bce = F.binary_cross_entropy_with_logits(module.model.head(features).squeeze(-1), batch["label"]).item()
+    assert plain == pytest.approx(bce)
+    module.align_heads = AlignmentHeads(module.model.tower.output_dim, 6, 8, 2, 4)
+    module.align = {"temperature": 0.2, "coarse_weight": 1.0, "fine_weight": 0.25}
+    tab, text, sub_tab, sub_text = module.align_heads(features, batch["text"])
+    expected = bce + 0.5 * (coarse_loss(tab, text, 0.2) + 0.25 * fine_loss(sub_tab, sub_text, 0.2)).item()
+    assert module.training_step(batch, 0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_align_weight_refuses_a_stage_1_that_trained_its_language_tower(tmp_path):
+    from functools import partial
+
+    from helpers import synthetic_spec
+
+    from finetune.guards import CheckpointError
+    from finetune.module import CTRModule
+    from towers import DeepFM
+
+    path = tmp_path / "align.ckpt"
+    torch.save({"hyper_parameters": {"trainable_layers": 1}, "state_dict": {}}, path)
+    module = CTRModule(synthetic_spec().to_dict(), partial(DeepFM, embed_dim=4), init_from=str(path),
+                       align_weight=0.1)
+    with pytest.raises(CheckpointError, match="align.ckpt trained its language tower.*trainable_layers 0"):
+        module.keep_alignment(path)
