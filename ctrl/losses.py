@@ -99,15 +99,3 @@ def fine_loss(sub_tab: Tensor, sub_text: Tensor, temperature: float = 0.7) -> Te
     text_to_tab = info_nce(max_sim(sub_text, all_tab), temperature, offset)
     tab_to_text = info_nce(max_sim(sub_tab, all_text), temperature, offset)
     return (text_to_tab + tab_to_text) / 2
-
-
-def alignment_loss(tab: Tensor, text: Tensor, sub_tab: Tensor, sub_text: Tensor, temperature: float,
-                   coarse_weight: float = 1.0, fine_weight: float = 1.0) -> dict[str, Tensor]:
-    """CTRL's loss, coarse_weight x coarse + fine_weight x fine, of the heads' outputs (`AlignmentHeads`).
-
-    Returns:
-        {"loss": the weighted total, "coarse": coarse_loss, "fine": fine_loss}.
-    """
-    coarse = coarse_loss(tab, text, temperature)
-    fine = fine_loss(sub_tab, sub_text, temperature)
-    return {"loss": coarse_weight * coarse + fine_weight * fine, "coarse": coarse, "fine": fine}

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ctrl.heads import AlignmentHeads
-from ctrl.losses import alignment_loss, cosine_sim, gather_rows, max_sim
+from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
 from finetune.guards import check_resumed_checkpoint, require_finite, stamp_checkpoint
 from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, backbone_config, make_tower
@@ -34,12 +34,6 @@ from towers.language import LanguageTower, Pooling, model_config
 
 Batch = dict[str, Tensor]
 WARMUP_START_LR = 1e-5  # the paper warms the learning rate up from here
-
-
-def frozen_encoder(hparams: dict, device: torch.device) -> FrozenEncoder:
-    """The frozen language tower of a stage-1 run's hyper-parameters, ready to fill or read the text cache."""
-    tower = LanguageTower(hparams["language_model"], hparams["pooling"], 0, hparams["max_length"])
-    return FrozenEncoder(tower, device, hparams["text_precision"])
 
 
 class AlignmentModule(pl.LightningModule):
@@ -151,7 +145,8 @@ class AlignmentModule(pl.LightningModule):
             return
         device = self.trainer.strategy.root_device
         if self.encoder is None or self.encoder.device != device:  # one load and fingerprint per run
-            self.encoder = frozen_encoder(hp, device)
+            self.encoder = FrozenEncoder(LanguageTower(hp.language_model, hp.pooling, 0, hp.max_length), device,
+                                         hp.text_precision)
         data.serve_text(encoder=self.encoder, granularity=hp.text_granularity)
 
     # --- alignment ---------------------------------------------------------------------------------------
@@ -166,7 +161,9 @@ class AlignmentModule(pl.LightningModule):
     def losses(self, tab: Tensor, text: Tensor, sub_tab: Tensor, sub_text: Tensor) -> dict[str, Tensor]:
         """Total, coarse and fine loss of this rank's rows (negatives from every rank's rows)."""
         hp = self.hparams
-        return alignment_loss(tab, text, sub_tab, sub_text, hp.temperature, hp.coarse_weight, hp.fine_weight)
+        coarse = coarse_loss(tab, text, hp.temperature)
+        fine = fine_loss(sub_tab, sub_text, hp.temperature)
+        return {"loss": hp.coarse_weight * coarse + hp.fine_weight * fine, "coarse": coarse, "fine": fine}
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         losses = self.losses(*self.embed(batch))

@@ -3,9 +3,7 @@ from-scratch CTR baseline: the two differ only in how the tower starts).
 
     ctrl fit --config configs/ml100k/finetune.yaml --model.init_args.init_from runs/.../align.ckpt
 
-A stage-1 checkpoint contributes its `tower.` weights. The language model is loaded here only with
-`align_weight` > 0, to read the stage-1 text vectors from the cache; the checkpoint's model and the export
-are the collaborative model alone either way.
+The language model is never loaded here: a stage-1 checkpoint contributes only its `tower.` weights.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.utilities import dim_zero_cat
 
-from ctrl.losses import alignment_loss
 from finetune.export import export_model
 from finetune.guards import (
     CheckpointError,
@@ -101,12 +98,6 @@ class CTRModule(pl.LightningModule):
         proximal: pulls the weights init_from initialises back to their aligned values during stage 2 (L2-SP):
             the loss gains proximal / 2 x their squared distance from the aligned start. 0 (default) is plain
             fine-tuning. No effect without init_from.
-        align_weight: keeps stage 1's alignment on as an auxiliary loss (multi-task fine-tuning): the training
-            loss gains align_weight x stage 1's contrastive loss (its coarse + fine terms, temperature and
-            weights) between the tower's features and the rows' text vectors, through stage 1's heads, which
-            load from init_from and train on. Needs init_from from a frozen-tower stage 1 (its cached vectors
-            are served). Validation, test, the checkpoint's model and the export use the labels' model only.
-            0 (default) is plain fine-tuning.
     """
 
     def __init__(
@@ -119,7 +110,6 @@ class CTRModule(pl.LightningModule):
         init_keep: Literal["tower", "embeddings"] = "tower",
         init_lr_scale: PositiveFloat = 1.0,
         proximal: NonNegativeFloat = 0.0,
-        align_weight: NonNegativeFloat = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -129,7 +119,6 @@ class CTRModule(pl.LightningModule):
         self.auc = nn.ModuleDict({s: DefinedAUROC() for s in EVAL_SLICES})
         self.logloss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SLICES})
         self.anchor: dict[str, torch.Tensor] = {}  # the aligned start of the proximal term (not saved)
-        self.align: dict | None = None  # stage 1's hyper-parameters, with align_weight > 0 (`align_heads` too)
 
     def setup(self, stage: str) -> None:
         # Only when fitting: test/predict load a stage-2 checkpoint, and a resumed fit's checkpoint is
@@ -138,38 +127,12 @@ class CTRModule(pl.LightningModule):
             load_aligned_tower(self.hparams.init_from, self.model.tower, self.spec, self.hparams.init_keep)
             if self.hparams.proximal:
                 self.anchor = {name: p.detach().clone() for name, p in self.aligned_parameters()}
-            if self.hparams.align_weight:
-                self.keep_alignment(self.hparams.init_from)
-
-    def keep_alignment(self, path: str | Path) -> None:
-        """Load stage 1's heads from its checkpoint (as `align_heads`) and have the data module serve the rows'
-        cached text vectors with each training batch, for the auxiliary alignment loss."""
-        from ctrl.heads import AlignmentHeads
-        from ctrl.module import frozen_encoder
-
-        ckpt = read_checkpoint(Path(path), "init_from")
-        hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
-        if hp.get("trainable_layers", 0) != 0:
-            raise CheckpointError(f"init_from: {path} trained its language tower (trainable_layers"
-                                  f" {hp['trainable_layers']}), so it has no cached text vectors; align_weight"
-                                  " needs a frozen-tower stage 1 (trainable_layers 0), or use align_weight 0")
-        heads = {k.removeprefix("heads."): v for k, v in state.items() if k.startswith("heads.")}
-        self.align_heads = AlignmentHeads(heads["tab_proj.weight"].shape[1], heads["text_proj.weight"].shape[1],
-                                          hp["proj_dim"], hp["num_subspaces"], hp["subspace_dim"])
-        self.align_heads.load_state_dict(heads)
-        self.align = hp
-        encoder = frozen_encoder(hp, self.trainer.strategy.root_device)
-        self.trainer.datamodule.serve_text(encoder=encoder, granularity=hp["text_granularity"])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         stamp_checkpoint(checkpoint, 2)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resumed_checkpoint(checkpoint, 2, self.hparams.feature_spec)
-        if self.align is None:  # evaluating or exporting: the alignment heads only served training
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("align_heads.")]:
-                del state[key]
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """B logits."""
@@ -190,19 +153,12 @@ class CTRModule(pl.LightningModule):
         return 0.5 * self.hparams.proximal * total
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        features = self.model.tower(batch)
-        loss = F.binary_cross_entropy_with_logits(self.model.head(features).squeeze(-1), batch["label"])
+        loss = F.binary_cross_entropy_with_logits(self(batch), batch["label"])
         self.log("train/loss", loss, batch_size=len(batch["label"]))
         if self.anchor:
             proximal = self.proximal_loss()
             self.log("train/proximal", proximal, batch_size=len(batch["label"]))
             loss = loss + proximal
-        if self.align is not None:
-            hp = self.align
-            heads = self.align_heads(features, batch["text"])
-            align = alignment_loss(*heads, hp["temperature"], hp["coarse_weight"], hp["fine_weight"])["loss"]
-            self.log("train/align", align, batch_size=len(batch["label"]), sync_dist=True)
-            loss = loss + self.hparams.align_weight * align
         return require_finite(loss, self.current_epoch, self.global_step)
 
     def cold_rows(self, batch: Batch) -> torch.Tensor:

@@ -146,29 +146,3 @@ def test_checkpoint_of_the_wrong_stage_is_refused(small_run, bert_dir):
                               language_model=bert_dir)
     with pytest.raises(CheckpointError, match="not a stage-1 .* with a finetune_\\*.yaml config"):
         trainer.validate(aligner, datamodule=dm, ckpt_path=finetune_ckpt)
-
-
-def test_align_weight_keeps_the_alignment_in_stage_2_and_ships_only_the_ctr_model(small_run, monkeypatch):
-    from ctrl.pipeline import fit_stage, stage_configs
-    from finetune.module import load_stage2
-
-    align_ckpt = next((small_run / "out" / "align").rglob("best.ckpt"))
-    vectors = small_run / "text-vectors"
-    cached = sorted(vectors.rglob("*"))
-    monkeypatch.setenv("CTRL_CACHE_DIR", str(small_run / "cache"))
-    cli = fit_stage(stage_configs(small_run / "configs", "finetune", "dcn"), small_run / "aux",
-                    ["--data.data_dir", str(small_run / "ml-1m"), "--data.text_cache_dir", str(vectors),
-                     "--model.init_args.init_from", str(align_ckpt), "--model.init_args.align_weight", "0.5"],
-                    {}, "stage 2")
-    assert torch.isfinite(cli.trainer.callback_metrics["train/align"])
-    assert sorted(vectors.rglob("*")) == cached  # stage 1's cached vectors served, nothing encoded again
-    stage1 = torch.load(align_ckpt, weights_only=True)["state_dict"]
-    best = cli.trainer.checkpoint_callback.best_model_path
-    state = torch.load(best, weights_only=True)["state_dict"]
-    heads = {k.removeprefix("align_heads."): v for k, v in state.items() if k.startswith("align_heads.")}
-    assert heads.keys() == {k.removeprefix("heads.") for k in stage1 if k.startswith("heads.")}
-    assert not torch.equal(heads["tab_proj.weight"], stage1["heads.tab_proj.weight"])  # loaded, then trained on
-    module = load_stage2(best)  # evaluation and export: the labels' model alone
-    assert not hasattr(module, "align_heads")
-    model, _ = load_model(small_run / "aux" / "export")
-    assert model.state_dict().keys() == module.model.state_dict().keys()
