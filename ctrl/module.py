@@ -7,7 +7,8 @@ on to stage 2: it sits under the `tower.` prefix of the checkpoint's state dict.
 
 The model holds the two towers, the `AlignmentHeads` and the losses; the data serves the text. In `setup`
 the model hands its language tower to the data module (`CTRDataModule.serve_text`), which then puts each
-batch's text side in `batch["text"]`: cached vectors for a frozen tower, token ids for a trainable one.
+batch's text side in `batch["text"]`: cached vectors for a frozen tower, token ids for a trainable one, and
+cached hidden states for trainable top blocks over frozen lower ones (`cache_lower_layers`).
 Run through Lightning, e.g.
 `pl.Trainer(max_epochs=5).fit(AlignmentModule(dm.feature_spec.to_dict(), towers.AutoInt), datamodule=dm)`,
 or `ctrl fit --model ctrl.module.AlignmentModule --model.backbone towers.AutoInt --data.data_dir DIR`.
@@ -30,7 +31,7 @@ from finetune.guards import check_resumed_checkpoint, require_finite, stamp_chec
 from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, backbone_config, make_tower
 from towers.encoder import FrozenEncoder, Precision
-from towers.language import LanguageTower, Pooling, model_config
+from towers.language import LanguageTower, Pooling, TopBlocks, model_config
 
 Batch = dict[str, Tensor]
 WARMUP_START_LR = 1e-5  # the paper warms the learning rate up from here
@@ -43,7 +44,8 @@ class AlignmentModule(pl.LightningModule):
     A frozen language tower (trainable_layers=0) is only run once, in `setup`, on the trainer's device: the
     data module caches its vectors of every text before test on disk (every DDP rank encodes its share) and
     serves them, memory-mapped, in `batch["text"]`; neither the language model nor its vectors are in the
-    checkpoint. A trainable one is in the model and reads the batch's token ids at every step.
+    checkpoint. A trainable one is in the model and reads the batch's token ids at every step. With
+    cache_lower_layers only its trainable top blocks are in the model, reading cached hidden states.
 
     Logs `train/{loss,coarse,fine}` and, over each validation epoch, `val/{loss,coarse,fine}` and
     `val/retrieval_top1`: how often a text's highest-scoring row in the batch is its own row, scored by the
@@ -56,6 +58,10 @@ class AlignmentModule(pl.LightningModule):
         language_model: "default" (all-MiniLM-L6-v2), a local model folder or a cached hub name.
         pooling: how the language tower pools token states: "mean" (the paper's), "cls" or "last".
         trainable_layers: top language blocks that train; 0 freezes the tower, "all" trains all of it.
+        cache_lower_layers: with trainable_layers k >= 1 (row text, a BERT-like encoder): the frozen blocks
+            below the top k run once, in `setup`, and the data module caches the hidden states they hand up
+            (max_length x H float16 per text); each step then runs only the k top blocks over them
+            (`towers.language.TopBlocks`), instead of the whole language model.
         max_length: tokens per text.
         text_precision: weights of the frozen tower while it encodes: "auto" (bf16 on a device with native
             bf16, a GPU or a CPU with AMX / AVX512-BF16, else fp32), "fp32" or "bf16". bf16 measured about 3x
@@ -85,6 +91,7 @@ class AlignmentModule(pl.LightningModule):
         language_model: str = "default",
         pooling: Pooling = "mean",
         trainable_layers: int | Literal["all"] = 0,
+        cache_lower_layers: bool = False,
         max_length: PositiveInt = 128,
         text_precision: Precision = "auto",
         text_granularity: Literal["row", "entity"] = "row",
@@ -106,6 +113,9 @@ class AlignmentModule(pl.LightningModule):
         self.tower = make_tower(backbone, spec)
         if text_granularity not in ("row", "entity"):
             raise ValueError(f"unknown text_granularity {text_granularity!r}; use row or entity")
+        if cache_lower_layers and (trainable_layers in (0, "all") or text_granularity != "row"):
+            raise ValueError("cache_lower_layers caches the states below the trainable top blocks of row text:"
+                             f" it needs trainable_layers >= 1 (not {trainable_layers!r}) and text_granularity row")
         if text_granularity == "entity" and trainable_layers != 0:
             raise ValueError("text_granularity entity encodes each entity once and needs a frozen language tower;"
                              " use trainable_layers 0 or text_granularity row")
@@ -115,7 +125,10 @@ class AlignmentModule(pl.LightningModule):
         if unknown:
             raise ValueError(f"masked_fields {unknown} are not categorical or sequence fields of the data; known:"
                              f" {', '.join(f.name for f in spec.fields if f.kind != 'numeric')}")
-        if trainable_layers == 0:
+        if cache_lower_layers:
+            self.language = TopBlocks(language_model, pooling, trainable_layers, max_length).train()
+            text_dim = self.language.output_dim
+        elif trainable_layers == 0:
             # Built only in setup, for the data module to fill its cache; its width is all the heads need now.
             self.language = None
             text_dim = model_config(language_model).hidden_size
@@ -140,14 +153,15 @@ class AlignmentModule(pl.LightningModule):
         a frozen tower's cached vectors (encoded once, on the trainer's device, every DDP rank its share),
         or a trainable tower's token ids."""
         hp, data = self.hparams, self.trainer.datamodule
-        if self.language is not None:
+        if isinstance(self.language, LanguageTower):
             data.serve_text(tokenize=self.language.tokenize)
             return
         device = self.trainer.strategy.root_device
+        lower = self.language.lower_blocks if hp.cache_lower_layers else None
         if self.encoder is None or self.encoder.device != device:  # one load and fingerprint per run
             self.encoder = FrozenEncoder(LanguageTower(hp.language_model, hp.pooling, 0, hp.max_length), device,
-                                         hp.text_precision)
-        data.serve_text(encoder=self.encoder, granularity=hp.text_granularity)
+                                         hp.text_precision, lower_blocks=lower)
+        data.serve_text(encoder=self.encoder, granularity=hp.text_granularity, states=lower is not None)
 
     # --- alignment ---------------------------------------------------------------------------------------
     def embed(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:

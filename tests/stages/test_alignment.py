@@ -329,3 +329,31 @@ def test_stage1_base_and_overlay_fast_dev_run_per_backbone(bert_dir, tmp_path, s
     assert cli.model.hparams.backbone["init_args"]["dropout"] == 0.1
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
+
+
+def test_top_block_over_cached_lower_states_is_the_tower_and_trains_only_that_block(bert_dir, tmp_path):
+    """cache_lower_layers: the data serves the cached states entering the top block (float16, one entry), and
+    the top block over them gives the whole tower's vectors; training moves that block."""
+    module = make_module(bert_dir, trainable_layers=1, cache_lower_layers=True, lr=1e-2, warmup_steps=0)
+    before = copy.deepcopy(module.language.state_dict())
+    data = TextData(tmp_path / "cache")
+    trainer(fast_dev_run=1).fit(module, datamodule=data)
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert np.load(entry / "vectors.npy", mmap_mode="r").dtype == np.float16
+    assert any(not torch.equal(v, module.language.state_dict()[k]) for k, v in before.items())
+    module.language.load_state_dict(before)  # the pretrained top block again: the whole tower's output
+    tower = LanguageTower(bert_dir).eval()
+    users, items = data.texts("train")
+    batch = next(iter(data.loader("train")))
+    rows = batch["row"].tolist()
+    assert batch["text"]["states"].shape[:2] == batch["text"]["attention_mask"].shape
+    with torch.no_grad():
+        expected = tower(**tower.tokenize([users[i] for i in rows], [items[i] for i in rows]))
+        torch.testing.assert_close(module.language.eval()(**batch["text"]), expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("options", [{"trainable_layers": 0}, {"trainable_layers": "all"},
+                                     {"trainable_layers": 1, "text_granularity": "entity"}])
+def test_cache_lower_layers_needs_trainable_top_blocks_of_row_text(bert_dir, options):
+    with pytest.raises(ValueError, match="cache_lower_layers"):
+        make_module(bert_dir, cache_lower_layers=True, **options)
