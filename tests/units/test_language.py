@@ -13,7 +13,7 @@ from transformers import BertConfig, BertModel, BertTokenizer, GPT2Config, GPT2M
 import towers.encoder as encoder_module
 from tabular2text.text_vectors import TextVectorCache, shard_bounds, texts_key
 from towers.encoder import FrozenEncoder, native_bf16, resolve_precision
-from towers.language import LanguageTower, pool
+from towers.language import LanguageTower, TopBlocks, pool
 
 WORDS = ["this", "is", "a", "user", "movie", "gender", "female", "male", "age", "occupation", "doctor", "who", "has",
          "recently", "watched", "titanic", "avatar", "title", "the", "terminator", "genre", "sci", "fi", "comedy",
@@ -279,3 +279,29 @@ def test_real_minilm_scores_related_sentences_closer():
     cosine = torch.nn.functional.cosine_similarity
     assert tower.output_dim == 384
     assert cosine(vectors[0], vectors[1], dim=0) > cosine(vectors[0], vectors[2], dim=0) + 0.2
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_top_blocks_over_the_states_below_them_give_the_whole_towers_vectors(bert_dir, blocks):
+    """FrozenEncoder(lower_blocks=n - k) writes the states entering the top k blocks (float16, zero past each
+    text's tokens); TopBlocks(k) over them is the whole tower (blocks=2: over the embeddings' output)."""
+    first, second = [USER, "this is a user."], [ITEM, "this is a movie."]
+    top = TopBlocks(str(bert_dir), blocks=blocks).eval()
+    states_encoder = encoder(bert_dir, precision="fp32", lower_blocks=top.lower_blocks)
+    assert top.lower_blocks == 2 - blocks and states_encoder.dtype == np.float16
+    out = np.ones((2, states_encoder.output_dim), states_encoder.dtype)
+    states_encoder.encode_into(out, first, second, progress=False)
+    lengths = states_encoder.token_lengths(first, second)
+    states = torch.from_numpy(out).view(2, -1, 16)
+    assert lengths[0] > lengths[1] and not states[1, lengths[1]:].any() and states[1, :lengths[1]].any()
+    width = int(lengths.max())
+    mask = (torch.arange(width) < torch.from_numpy(lengths)[:, None]).long()
+    with torch.no_grad():
+        got = top(states[:, :width], mask)
+    torch.testing.assert_close(got, encoder(bert_dir, precision="fp32").encode(first, second), atol=2e-3, rtol=2e-3)
+    assert states_encoder.fingerprint != encoder(bert_dir, precision="fp32").fingerprint
+
+
+def test_top_blocks_refuse_a_decoder_with_a_norm_above_its_blocks(gpt2_dir):
+    with pytest.raises(ValueError, match="cannot run alone over cached states"):
+        TopBlocks(str(gpt2_dir), blocks=1)
