@@ -184,6 +184,9 @@ class FrozenEncoder:
         if self.lower_blocks is None:
             return self.tower(**batch).float().cpu().numpy()
         hidden = self.tower.model(**batch).last_hidden_state * batch["attention_mask"].unsqueeze(-1)
+        if hidden.abs().max() > torch.finfo(torch.float16).max:
+            raise ValueError(f"hidden states after block {self.lower_blocks} exceed float16's range and cannot be"
+                             " cached; cache the states of another block (trainable_layers) or train the whole tower")
         states = torch.zeros(len(hidden), self.tower.max_length, self.hidden_size, dtype=torch.float16)
         states[:, :hidden.shape[1]] = hidden.cpu()  # the tokenizer truncates to max_length
         return states.reshape(len(hidden), -1).numpy()

@@ -238,25 +238,30 @@ def test_damaged_cache_entry_is_reported_and_rebuilt(bert_dir, tmp_path, count_e
     assert len(count_encoded) == 8 and sorted(p.name for p in tmp_path.iterdir()) == [path.parent.name]
 
 
-def encode_shard(rank: int, port: int, bert_dir: str, cache_dir: str, texts: list[str]) -> None:
+def encode_shard(rank: int, port: int, bert_dir: str, cache_dir: str, texts: list[str], lower_blocks) -> None:
     """One of two gloo processes building the cache together."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        TextVectorCache(cache_dir).build(encoder(bert_dir), texts, pairs=False, rank=rank, world_size=2,
+        TextVectorCache(cache_dir).build(encoder(bert_dir, lower_blocks=lower_blocks), texts, pairs=False, rank=rank,
+                                         world_size=2,
                                          barrier=dist.barrier, progress=False)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_each_encode_half_and_build_the_one_process_cache(bert_dir, tmp_path, count_encoded):
+@pytest.mark.parametrize("lower_blocks", [None, 1])  # pooled vectors; float16 states after block 1
+def test_two_ranks_each_encode_half_and_build_the_one_process_cache(bert_dir, tmp_path, count_encoded, lower_blocks):
     texts = sorted({f"this is a user, age is {a}, who has recently watched {w}." for a in ("doctor", "female", "male")
                     for w in ("titanic", "avatar", "titanic|avatar", "the terminator")})
-    single = np.array(TextVectorCache(tmp_path / "one").build(encoder(bert_dir), texts, pairs=False, progress=False))
-    port = 29400 + os.getpid() % 1000
-    mp.spawn(encode_shard, args=(port, str(bert_dir), str(tmp_path / "two"), texts), nprocs=2)
+    single = np.array(TextVectorCache(tmp_path / "one").build(encoder(bert_dir, lower_blocks=lower_blocks), texts,
+                                                              pairs=False, progress=False))
+    port = 29400 + os.getpid() % 1000 + (lower_blocks or 0)
+    mp.spawn(encode_shard, args=(port, str(bert_dir), str(tmp_path / "two"), texts, lower_blocks), nprocs=2)
     (entry,) = (tmp_path / "two").iterdir()  # one entry, no shard folder left over
     shared = np.load(entry / "vectors.npy")
+    assert shared.dtype == (np.float32 if lower_blocks is None else np.float16)
+    shared, single = shared.astype(np.float32), single.astype(np.float32)
     cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(shared), torch.from_numpy(single))
     assert shared.shape == single.shape and cosine.min() >= 0.99999
     assert entry.name == next((tmp_path / "one").iterdir()).name  # the same key: either run's cache serves both
