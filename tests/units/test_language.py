@@ -310,3 +310,13 @@ def test_top_blocks_over_the_states_below_them_give_the_whole_towers_vectors(ber
 def test_top_blocks_refuse_a_decoder_with_a_norm_above_its_blocks(gpt2_dir):
     with pytest.raises(ValueError, match="cannot run alone over cached states"):
         TopBlocks(str(gpt2_dir), blocks=1)
+
+
+def test_states_beyond_float16s_range_are_refused_not_cached_as_inf(bert_dir, tmp_path):
+    tower = LanguageTower(str(bert_dir))
+    with torch.no_grad():
+        tower.model.embeddings.LayerNorm.weight.fill_(1e6)  # the states after block 0 are the embeddings' output
+    states_encoder = FrozenEncoder(tower, "cpu", "fp32", lower_blocks=0)
+    with pytest.raises(ValueError, match="exceed float16's range"):
+        TextVectorCache(tmp_path).vectors(states_encoder, [USER], [ITEM], progress=False)
+    assert not any(tmp_path.iterdir())  # nothing half-written is left as an entry
