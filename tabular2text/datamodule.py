@@ -186,8 +186,11 @@ class CTRDataModule(pl.LightningDataModule):
         sizes = {split: len(self.frame(split)) for split in self.text_splits}
         starts = dict(zip(sizes, np.cumsum([0, *sizes.values()]).tolist(), strict=False))
 
+        def of(split: str, per_row: np.ndarray) -> np.ndarray:  # a per-row array's slice for split
+            return per_row[starts[split]:starts[split] + sizes[split]]
+
         def per_split(table: np.ndarray, index: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-            return {split: (table, index[starts[split]:starts[split] + n]) for split, n in sizes.items()}
+            return {split: (table, of(split, index)) for split in sizes}
 
         def joined(column: str) -> list[str]:
             return [text for split in sizes for text in self.frame(split)[column].tolist()]
@@ -198,8 +201,7 @@ class CTRDataModule(pl.LightningDataModule):
             users, items = joined("user_text"), joined("item_text")
             table, index = vectors(users, items)
             lengths = encoder.token_lengths(users, items)
-            self.text = TokenStates({split: (table, index[starts[split]:starts[split] + n],
-                                             lengths[starts[split]:starts[split] + n]) for split, n in sizes.items()},
+            self.text = TokenStates({split: (table, of(split, index), of(split, lengths)) for split in sizes},
                                     encoder.hidden_size)
             return
         if granularity == "row":
