@@ -65,8 +65,9 @@ def curve_table(rows: list[dict]) -> list[str]:
     """Mean over the runs with a 10-epoch curve, per backbone and epoch."""
     curves: dict[str, list[list[dict]]] = defaultdict(list)
     for r in rows:
-        if r.get("align_curve") and len(r["align_curve"]) >= 10:
-            curves[r["backbone"]].append(r["align_curve"])
+        curve = r.get("align_curve") or []
+        if len(curve) >= 10 and len({c["epoch"] for c in curve}) == len(curve):  # one validation per epoch
+            curves[r["backbone"]].append(curve)
     lines = ["| backbone | runs | epoch | retrieval top-1 | val loss | probe AUC |", "|---|---|---|---|---|---|"]
     for backbone, runs in sorted(curves.items()):
         for epoch in range(min(len(c) for c in runs)):

@@ -16,8 +16,8 @@ from torchmetrics.functional.classification import binary_auroc
 
 
 class TransferProbe(pl.Callback):
-    """Logs `val/probe_auc` after each stage-1 validation epoch (not during the sanity check) and keeps every
-    epoch's validation metrics in `history` (the stage-1 curve `ctrl bench` records).
+    """Logs `val/probe_auc` after each stage-1 validation (not during the sanity check) and keeps every
+    validation's metrics in `history` (the stage-1 curve `ctrl bench` records).
 
     Args:
         train_rows: train rows the probe is fit on, evenly spaced over the split (all when fewer).
@@ -28,7 +28,7 @@ class TransferProbe(pl.Callback):
 
     def __init__(self, train_rows: int = 20000, l2: float = 1e-3, steps: int = 100, batch_size: int = 8192) -> None:
         self.train_rows, self.l2, self.steps, self.batch_size = train_rows, l2, steps, batch_size
-        self.history: list[dict[str, float]] = []  # per validation epoch: epoch and every val/ metric
+        self.history: list[dict[str, float]] = []  # per validation: epoch, global step and every val/ metric
 
     @torch.no_grad()
     def features(self, module: pl.LightningModule, tensors: dict[str, Tensor], rows: Tensor) -> Tensor:
@@ -71,4 +71,4 @@ class TransferProbe(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            self.history.append({"epoch": trainer.current_epoch, **metrics})
+            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
