@@ -14,7 +14,7 @@ from helpers import synthetic_batch, synthetic_spec
 from torch.utils.data import DataLoader
 
 from ctrl.module import AlignmentModule
-from ctrl.probe import TransferProbe
+from ctrl.probe import TransferProbe, ValidateEvery
 from finetune.module import load_aligned_tower
 from tabular2text.datamodule import CTRDataModule, TensorDictDataset
 from towers import BACKBONES, DeepFM
@@ -208,17 +208,23 @@ def test_transfer_probe_logs_a_linear_probe_auc_per_epoch_and_changes_no_trainin
     assert all(0.0 <= h["val/probe_auc"] <= 1.0 and "val/retrieval_top1" in h for h in history)
 
 
-def test_retrieval_threshold_checked_every_k_steps_stops_stage_1_inside_an_epoch(bert_dir, tmp_path):
-    # the shipped stop tests val/retrieval_top1 at each epoch's end; with val_check_interval k (and no epoch
-    # condition) it is tested every k steps, so on a long epoch it fires near the threshold (bench:
-    # check_25_steps). 32 rows in batches of 4: 8 steps an epoch, a check every 3 steps.
-    probe = TransferProbe(steps=5)
-    stop = pl.callbacks.EarlyStopping(monitor="val/retrieval_top1", mode="max", stopping_threshold=0.0,
-                                      patience=1000)
-    run = trainer(max_epochs=3, val_check_interval=3, check_val_every_n_epoch=None, callbacks=[probe, stop])
-    run.fit(make_module(bert_dir), datamodule=TextData(tmp_path / "cache", rows=32, batch_size=4))
-    assert [(h["epoch"], h["step"]) for h in probe.history] == [(0, 3)]  # the first check met it: step 3 of 8
-    assert run.global_step == 3 and stop.stopped_epoch == 0
+def test_validate_every_k_steps_stops_stage_1_inside_an_epoch_and_validates_short_epochs(bert_dir, tmp_path):
+    # the shipped stop tests val/retrieval_top1 every 25 steps (ValidateEvery), so on a long epoch it fires near
+    # the threshold; an epoch shorter than that is validated at its end. 32 rows in batches of 4: 8 steps an epoch.
+    for steps, expected in ((3, [(0, 3)]), (20, [(0, 8)])):  # the first check meets the threshold
+        probe = TransferProbe(steps=5)
+        stop = pl.callbacks.EarlyStopping(monitor="val/retrieval_top1", mode="max", stopping_threshold=0.0,
+                                          patience=1000, check_on_train_epoch_end=False)  # as shipped
+        run = trainer(max_epochs=3, callbacks=[ValidateEvery(steps), probe, stop])
+        run.fit(make_module(bert_dir), datamodule=TextData(tmp_path / "cache", rows=32, batch_size=4))
+        assert [(h["epoch"], h["step"]) for h in probe.history] == expected
+        assert run.global_step == expected[0][1] and stop.stopped_epoch == 0
+    probe = TransferProbe(steps=5)  # without a stop: every 3 steps over the run, across epoch ends
+    trainer(max_epochs=2, callbacks=[ValidateEvery(3), probe]).fit(
+        make_module(bert_dir), datamodule=TextData(tmp_path / "cache", rows=32, batch_size=4))
+    assert [h["step"] for h in probe.history] == [3, 6, 9, 12, 15]
+    with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
+        ValidateEvery(0)
 
 
 def test_transfer_probe_auc_on_separable_and_on_noise_features():
