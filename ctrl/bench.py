@@ -66,8 +66,9 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
 
     Args:
         data_dir: overrides data.data_dir of every stage config.
-        config_dir: holds align.yaml and finetune.yaml (the stages' bases) and align/BACKBONE.yaml,
-            finetune/BACKBONE.yaml (one overlay per backbone), as `ctrl run` reads them.
+        config_dir: holds align.yaml and finetune.yaml (the stages' bases), align/BACKBONE.yaml,
+            finetune/BACKBONE.yaml (one overlay per backbone) and optionally finetune_aligned.yaml (CTRL's stage 2
+            over the baseline's settings), as `ctrl run` reads them.
         args: overrides of both stages of every run, e.g. ["--trainer.logger", "false"].
         out: one folder per run (`out/VARIANT/BACKBONE/seedN`) and results.jsonl, one line per finished run.
         backbones: backbones of base and ctrl.
@@ -119,7 +120,7 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     """Train and evaluate one (variant, backbone, seed) unless results.jsonl already records it."""
     common = ["--seed_everything", str(seed), "--data.data_dir", data_dir, *common_args]
     align_config = stage_configs(config_dir, "align", backbone) if variant.align else None
-    finetune_config = stage_configs(config_dir, "finetune", backbone)
+    finetune_config = stage_configs(config_dir, "finetune", backbone, aligned=variant.align)
     args = {"align_config": align_config, "align_args": [*common, *variant.align_args] if variant.align else [],
             "finetune_config": finetune_config, "finetune_args": [*common, *variant.finetune_args]}
     results = out / RESULTS_FILE

@@ -59,9 +59,14 @@ class Stages:
     phases: dict[str, float]
 
 
-def stage_configs(config_dir: str | Path, stage: str, backbone: str) -> list[str]:
+ALIGNED_OVERLAY = "finetune_aligned.yaml"
+
+
+def stage_configs(config_dir: str | Path, stage: str, backbone: str, aligned: bool = False) -> list[str]:
     """The config files of one stage, in the order LightningCLI merges them: the stage's base
-    (`DIR/align.yaml` or `DIR/finetune.yaml`) and the backbone's overlay (`DIR/align/BACKBONE.yaml`)."""
+    (`DIR/align.yaml` or `DIR/finetune.yaml`), the backbone's overlay (`DIR/align/BACKBONE.yaml`) and, for a
+    stage 2 that starts from stage 1 (`aligned`), `DIR/finetune_aligned.yaml` when the directory has one: what
+    CTRL's stage 2 changes over the from-scratch baseline's settings."""
     d = Path(config_dir)
     files = [d / f"{stage}.yaml", d / stage / f"{backbone}.yaml"]
     for path in files:
@@ -69,6 +74,8 @@ def stage_configs(config_dir: str | Path, stage: str, backbone: str) -> list[str
             known = sorted(p.stem for p in (d / stage).glob("*.yaml"))
             raise ConfigError(f"{path} does not exist: a config directory holds {stage}.yaml and one overlay per"
                               f" backbone in {stage}/ (in {d}: {', '.join(known) or 'none'})")
+    if stage == "finetune" and aligned and (d / ALIGNED_OVERLAY).is_file():
+        files.append(d / ALIGNED_OVERLAY)
     return [str(p) for p in files]
 
 
@@ -77,7 +84,7 @@ def train(*, finetune: Sequence[str], align: Sequence[str] | None = None, out: P
     """Stage 1 (when `align` is given), then stage 2 starting from stage 1's best checkpoint.
 
     Args:
-        finetune: stage-2 config files, merged in order (`stage_configs(dir, "finetune", backbone)`).
+        finetune: stage-2 config files, merged in order (`stage_configs(dir, "finetune", backbone, aligned)`).
         align: stage-1 config files; None trains stage 2 from scratch (the baseline).
         out: directory for checkpoints and W&B files, `out/align` and `out/finetune`.
         align_args: further LightningCLI arguments of stage 1, e.g. ["--seed_everything", "1"]; they come
@@ -120,14 +127,15 @@ def run(*, backbone: str = "dcn", config_dir: str = "configs/ml100k", baseline: 
     Args:
         backbone: the collaborative model: wide_deep, deepfm, dcn, autoint, dcnv2, xdeepfm, fibinet, pnn, din
             (an overlay in CONFIG_DIR/align/ and CONFIG_DIR/finetune/).
-        config_dir: holds align.yaml and finetune.yaml (the stages' bases) and align/, finetune/ (the overlays).
+        config_dir: holds align.yaml and finetune.yaml (the stages' bases), align/, finetune/ (the overlays) and
+            optionally finetune_aligned.yaml (CTRL's stage 2 over the baseline's settings).
         baseline: skip stage 1: the backbone trained from scratch.
         data_dir: overrides data.data_dir of both stages.
         out: directory for checkpoints, W&B files and the export.
         max_epochs_align: overrides trainer.max_epochs of stage 1.
         max_epochs_finetune: overrides trainer.max_epochs of stage 2.
     """
-    finetune = stage_configs(config_dir, "finetune", backbone)
+    finetune = stage_configs(config_dir, "finetune", backbone, aligned=not baseline)
     align = None if baseline else stage_configs(config_dir, "align", backbone)
     out_dir = Path(out)
     data = ["--data.data_dir", data_dir] if data_dir else []

@@ -123,13 +123,14 @@ def small_config(source: Path, target: Path, data_args: dict | None = None, **mo
 
 def small_config_dir(target: Path, bert_dir: str, text_cache_dir: Path) -> Path:
     """A config directory as `ctrl run` and `ctrl bench` read it: the shipped stage bases with small-data
-    settings (a tiny BERT as the language tower) and the shipped backbone overlays."""
+    settings (a tiny BERT as the language tower), the shipped backbone overlays and CTRL's stage-2 overlay."""
     target.mkdir()
     small_config(CONFIGS / "align.yaml", target / "align.yaml", {"text_cache_dir": str(text_cache_dir)},
                  language_model=bert_dir, warmup_steps=2)
     small_config(CONFIGS / "finetune.yaml", target / "finetune.yaml")
     for stage in ("align", "finetune"):
         shutil.copytree(CONFIGS / stage, target / stage)
+    shutil.copy(CONFIGS / "finetune_aligned.yaml", target)
     return target
 
 

@@ -80,12 +80,17 @@ def test_every_run_is_recorded_with_metrics_times_and_arguments(bench_run):
         assert ["--seed_everything", str(r["seed"])] == r["finetune_args"][:2]
         assert {"prepare", "stage 2", "validate", "test"} <= set(r["phases"])
         assert r["machine"] == ctrl.report.machine()  # the machine that trained it, for a report written elsewhere
+        (ckpt,) = (run_dir / "finetune" / "checkpoints").glob("best*.ckpt")
+        hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+        # CTRL's stage 2 is the baseline's plus finetune_aligned.yaml, merged last: dropout 0.5 over the base's 0.3
+        aligned = r["variant"] == "ctrl"
+        assert Path(r["finetune_config"][-1]).name == ("finetune_aligned.yaml" if aligned else "dcn.yaml")
+        assert hparams["backbone"]["init_args"]["dropout"] == (0.5 if aligned else 0.3)
         if r["variant"] == "ctrl":
             assert ["--seed_everything", str(r["seed"])] == r["align_args"][:2]
             assert "stage 1 (incl. text encoding)" in r["phases"] and "align/val/loss" in r["metrics"]
             # stage 2 started from this run's own stage-1 checkpoint, kept under out/stage1 for reuse
-            (ckpt,) = (run_dir / "finetune" / "checkpoints").glob("best*.ckpt")
-            init_from = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["init_from"]
+            init_from = hparams["init_from"]
             assert Path(r["stage1_dir"]).parent == bench_run / "out" / "stage1" and not r["stage1_reused"]
             assert init_from.startswith(str(Path(r["stage1_dir"]).resolve()))
             assert [c["epoch"] for c in r["align_curve"]] == list(range(r["epochs"]["align"]))

@@ -107,6 +107,23 @@ def test_stage2_base_and_overlay_fast_dev_run_per_backbone(tmp_path, cache, back
     assert cli.trainer.global_step == 2
 
 
+def test_ctrl_stage_2_merges_the_aligned_overlay_last_and_the_baseline_never(tmp_path):
+    import shutil
+
+    from ctrl.pipeline import stage_configs
+
+    shipped = ROOT / "configs" / "ml100k"
+    names = {aligned: [Path(f).relative_to(shipped).as_posix() for f in stage_configs(shipped, "finetune", "autoint",
+                                                                                         aligned)]
+             for aligned in (False, True)}
+    assert names == {False: ["finetune.yaml", "finetune/autoint.yaml"],
+                     True: ["finetune.yaml", "finetune/autoint.yaml", "finetune_aligned.yaml"]}
+    assert len(stage_configs(shipped, "align", "autoint", aligned=True)) == 2  # stage 1 has no such overlay
+    own = shutil.copytree(shipped, tmp_path / "configs")  # a config directory without one: CTRL's stage 2 is
+    (own / "finetune_aligned.yaml").unlink()                 # the baseline's
+    assert stage_configs(own, "finetune", "dcn", True) == stage_configs(own, "finetune", "dcn", False)
+
+
 def test_a_ctrl_fit_checkpoint_reloads_without_arguments_and_exports(tmp_path, cache, capsys):
     """`ctrl fit` -> CTRModule.load_from_checkpoint(best.ckpt) with no arguments predicts as the trained
     model; `ctrl export` of it scores raw test rows the same; a stage-1 checkpoint is refused in one line."""
