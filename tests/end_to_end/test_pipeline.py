@@ -19,12 +19,17 @@ CONFIGS = sorted((ROOT / "configs" / "ml100k").glob("*.yaml"))
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_parses(config, capsys):
+    """Each stage base alone; an overlay of a stage (`finetune_aligned.yaml`) on top of its base."""
+    stage = config.stem.split("_")[0]
+    files = [config] if config.stem == stage else [config.with_name(f"{stage}.yaml"), config]
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *(a for f in files for a in ("--config", str(f))), "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["backbone"]["class_path"].startswith("towers.")
     assert "feature_spec" not in printed["model"]["init_args"]  # linked from the data, never in YAML
+    if config.stem == "finetune_aligned":  # CTRL's stage 2 over the baseline's settings
+        assert printed["model"]["init_args"]["backbone"]["init_args"]["dropout"] == 0.5
 
 
 def test_main_job_runs_both_stages_and_exports(small_run, capsys):
