@@ -1,7 +1,9 @@
 """Stage 2: supervised fine-tuning of the collaborative tower alone (or, without `init_from`, the plain
-from-scratch CTR baseline: the two differ only in how the tower starts).
+from-scratch CTR baseline: the module is the same; the shipped configs give CTRL's stage 2 dropout 0.5 in
+configs/ml100k/finetune_aligned.yaml).
 
-    ctrl fit --config configs/ml100k/finetune.yaml --model.init_args.init_from runs/.../align.ckpt
+    ctrl fit --config configs/ml100k/finetune.yaml --config configs/ml100k/finetune_aligned.yaml \
+        --model.init_args.init_from runs/.../align.ckpt
 
 The language model is never loaded here: a stage-1 checkpoint contributes only its `tower.` weights.
 """
