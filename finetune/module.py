@@ -1,5 +1,5 @@
 """Stage 2: supervised fine-tuning of the collaborative tower alone (or, without `init_from`, the plain
-from-scratch CTR baseline: the module is the same; the shipped configs give CTRL's stage 2 dropout 0.5 in
+from-scratch CTR baseline: the module is the same; what CTRL's stage 2 sets differently lives in
 configs/ml100k/finetune_aligned.yaml).
 
     ctrl fit --config configs/ml100k/finetune.yaml --config configs/ml100k/finetune_aligned.yaml \

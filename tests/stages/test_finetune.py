@@ -1,6 +1,7 @@
 """Stage 2 through the real CLI on ML-100K: fine-tuning, init_from, export round trip, W&B offline files."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,8 +109,6 @@ def test_stage2_base_and_overlay_fast_dev_run_per_backbone(tmp_path, cache, back
 
 
 def test_ctrl_stage_2_merges_the_aligned_overlay_last_and_the_baseline_never(tmp_path):
-    import shutil
-
     from ctrl.pipeline import stage_configs
 
     shipped = ROOT / "configs" / "ml100k"
