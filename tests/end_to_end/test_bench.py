@@ -82,10 +82,10 @@ def test_every_run_is_recorded_with_metrics_times_and_arguments(bench_run):
         assert r["machine"] == ctrl.report.machine()  # the machine that trained it, for a report written elsewhere
         (ckpt,) = (run_dir / "finetune" / "checkpoints").glob("best*.ckpt")
         hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
-        # CTRL's stage 2 is the baseline's plus finetune_aligned.yaml, merged last: dropout 0.5 over the base's 0.3
+        # CTRL's stage 2 is the baseline's plus finetune_aligned.yaml, merged last: dropout 0.7, the base's 0.8
         aligned = r["variant"] == "ctrl"
         assert Path(r["finetune_config"][-1]).name == ("finetune_aligned.yaml" if aligned else "dcn.yaml")
-        assert hparams["backbone"]["init_args"]["dropout"] == (0.5 if aligned else 0.3)
+        assert hparams["backbone"]["init_args"]["dropout"] == (0.7 if aligned else 0.8)
         if r["variant"] == "ctrl":
             assert ["--seed_everything", str(r["seed"])] == r["align_args"][:2]
             assert "stage 1 (incl. text encoding)" in r["phases"] and "align/val/loss" in r["metrics"]

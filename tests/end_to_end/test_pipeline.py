@@ -29,7 +29,7 @@ def test_every_config_parses(config, capsys):
     assert printed["model"]["init_args"]["backbone"]["class_path"].startswith("towers.")
     assert "feature_spec" not in printed["model"]["init_args"]  # linked from the data, never in YAML
     if config.stem == "finetune_aligned":  # CTRL's stage 2 over the baseline's settings
-        assert printed["model"]["init_args"]["backbone"]["init_args"]["dropout"] == 0.5
+        assert printed["model"]["init_args"]["backbone"]["init_args"]["dropout"] == 0.7
 
 
 def test_main_job_runs_both_stages_and_exports(small_run, capsys):

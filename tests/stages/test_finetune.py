@@ -103,7 +103,7 @@ def test_stage2_base_and_overlay_fast_dev_run_per_backbone(tmp_path, cache, back
     assert type(cli.model.model.tower) is BACKBONES[backbone]
     tuned = {"wide_deep": (0.003, 2048), "deepfm": (0.003, 2048), "autoint": (0.001, 512)}
     assert (cli.model.hparams.lr, cli.datamodule.hparams.batch_size) == tuned.get(backbone, (0.001, 2048))
-    assert cli.model.hparams.backbone["init_args"]["dropout"] == 0.3
+    assert cli.model.hparams.backbone["init_args"]["dropout"] == 0.8
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
 
