@@ -213,8 +213,11 @@ def test_wandb_offline_run_holds_validation_auc(tmp_path, cache, monkeypatch):
     history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     aucs = [row["val/auc"] for row in history if "val/auc" in row]
-    # one real epoch of DCN on ML-100K: at the shipped dropout 0.8 it is past chance, not yet near its best (~.76)
-    assert len(aucs) == 1 and 0.55 < aucs[0] < 1.0
+    # the run file holds the validation AUC the run chose its checkpoint on (plumbing, not model quality: quality
+    # thresholds live in benchmarks/)
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    chosen = [float(s["best_model_score"]) for s in best["callbacks"].values() if s.get("monitor") == "val/auc"]
+    assert len(aucs) == 1 and chosen == [pytest.approx(aucs[0], abs=1e-6)]
     config = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "config"
               for u in r.config.update}
     config.update({u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "run"
