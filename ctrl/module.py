@@ -27,11 +27,19 @@ from torchmetrics import MeanMetric
 
 from ctrl.heads import AlignmentHeads
 from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
-from finetune.guards import check_resumed_checkpoint, require_finite, stamp_checkpoint
+from finetune.guards import ConfigError, check_resumed_checkpoint, require_finite, stamp_checkpoint
 from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, backbone_config, make_tower
 from towers.encoder import FrozenEncoder, Precision
-from towers.language import LanguageTower, Pooling, TopBlocks, model_config
+from towers.language import (
+    LanguageTower,
+    Pooling,
+    TopBlocks,
+    min_max_length,
+    model_config,
+    model_tokenizer,
+    too_short,
+)
 
 Batch = dict[str, Tensor]
 WARMUP_START_LR = 1e-5  # the paper warms the learning rate up from here
@@ -62,7 +70,8 @@ class AlignmentModule(pl.LightningModule):
             below the top k run once, in `setup`, and the data module caches the hidden states they hand up
             (max_length x H float16 per text); each step then runs only the k top blocks over them
             (`towers.language.TopBlocks`), instead of the whole language model.
-        max_length: tokens per text.
+        max_length: tokens per text, special tokens included; a (user, item) pair that does not fit is cut
+            longer sentence first, so a long item sentence keeps at least half (towers.language.split_budget).
         text_precision: weights of the frozen tower while it encodes: "auto" (bf16 on a device with native
             bf16, a GPU or a CPU with AMX / AVX512-BF16, else fp32), "fp32" or "bf16". bf16 measured about 3x
             fp32 on a 2-core AMX CPU at cosine >= 0.9999 to the fp32 vectors (benchmarks/encode_speed.md).
@@ -125,6 +134,10 @@ class AlignmentModule(pl.LightningModule):
         if unknown:
             raise ValueError(f"masked_fields {unknown} are not categorical or sequence fields of the data; known:"
                              f" {', '.join(f.name for f in spec.fields if f.kind != 'numeric')}")
+        # Checked before any tower loads: only the tokenizer's special tokens decide what is too short.
+        minimum = min_max_length(model_tokenizer(language_model))
+        if max_length < minimum:
+            raise ConfigError(f"--model.init_args.{too_short(max_length, minimum)}")
         if cache_lower_layers:
             self.language = TopBlocks(language_model, pooling, trainable_layers, max_length).train()
             text_dim = self.language.output_dim

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,10 @@ from tqdm.auto import tqdm
 
 from towers.language import LanguageTower
 
-CACHE_VERSION = 2  # bump when tokenization, pooling or the file layout change what a key stands for
+# Bump when tokenization, pooling or the file layout change what a key stands for. 3: pairs are cut longest
+# side first, no longer only the user sentence (vectors of pairs whose item sentence took over half of max_length
+# changed).
+CACHE_VERSION = 3
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -89,6 +93,13 @@ def tokenizer_fingerprint(tower: LanguageTower) -> str:
     return h.hexdigest()
 
 
+def cut_warning(cut: int, n: int, pairs: bool, max_length: int) -> str:
+    """The one line an encoding pass warns with when it cut texts: how many, and the option that raises the limit."""
+    what = ("(user, item) texts had their item sentence cut (the longer sentence of a pair is cut first) to fit"
+            if pairs else "texts were cut to fit")
+    return f"{cut} of {n} {what} max_length={max_length} tokens; raise --model.init_args.max_length to keep them whole"
+
+
 class FrozenEncoder:
     """A frozen language tower prepared for bulk encoding on one device in one precision.
 
@@ -140,12 +151,14 @@ class FrozenEncoder:
         self.output_dim: int = self.hidden_size if lower_blocks is None else tower.max_length * self.hidden_size
         self.dtype = np.dtype(np.float32 if lower_blocks is None else np.float16)
 
-    def _tokenized_chunks(self, first: Sequence[str], second: Sequence[str] | None) -> Iterator[dict]:
-        """Token ids of consecutive chunks; the next chunk is tokenized on a thread while this one encodes."""
-        def tokenize(start: int) -> dict:
+    def _tokenized_chunks(self, first: Sequence[str], second: Sequence[str] | None) -> Iterator[tuple[dict, int]]:
+        """Token ids of consecutive chunks and how many of their texts were cut (`LanguageTower.tokenize_counted`);
+        the next chunk is tokenized on a thread while this one encodes."""
+        def tokenize(start: int) -> tuple[dict, int]:
             stop = start + self.chunk_size
-            return dict(self.tower.tokenize(list(first[start:stop]),
-                                            None if second is None else list(second[start:stop])))
+            enc, cut = self.tower.tokenize_counted(list(first[start:stop]),
+                                                   None if second is None else list(second[start:stop]))
+            return dict(enc), cut
 
         starts = range(0, len(first), self.chunk_size)
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -166,9 +179,10 @@ class FrozenEncoder:
             second: N item sentences, or None.
             progress: show a progress bar.
         """
-        n = len(first)
+        n, cut = len(first), 0
         with torch.inference_mode(), tqdm(total=n, unit="text", desc="encoding texts", disable=not progress) as bar:
-            for chunk, enc in enumerate(self._tokenized_chunks(first, second)):
+            for chunk, (enc, chunk_cut) in enumerate(self._tokenized_chunks(first, second)):
+                cut += chunk_cut
                 lengths = enc["attention_mask"].sum(1)
                 # Longest first: similar lengths share a batch, so little compute goes to padding.
                 order = torch.argsort(lengths, descending=True, stable=True)
@@ -179,6 +193,8 @@ class FrozenEncoder:
                     batch = {k: v[rows, :width].to(self.device) for k, v in enc.items()}
                     out[(base + rows).numpy()] = self._rows(batch)
                     bar.update(len(rows))
+        if cut:
+            warnings.warn(cut_warning(cut, n, second is not None, self.tower.max_length), stacklevel=2)
 
     def _rows(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         if self.lower_blocks is None:
@@ -193,7 +209,7 @@ class FrozenEncoder:
 
     def token_lengths(self, first: Sequence[str], second: Sequence[str] | None = None) -> np.ndarray:
         """The number of tokens (special tokens included) of each of N texts (or pairs), as encoded."""
-        return np.concatenate([enc["attention_mask"].sum(1).numpy() for enc in self._tokenized_chunks(first, second)]
+        return np.concatenate([enc["attention_mask"].sum(1).numpy() for enc, _ in self._tokenized_chunks(first, second)]
                               or [np.zeros(0, np.int64)])
 
     def encode(self, first: Sequence[str], second: Sequence[str] | None = None,

@@ -59,6 +59,34 @@ def model_config(model: str) -> PretrainedConfig:
         raise FileNotFoundError(not_found(model)) from err
 
 
+def model_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of `model` without loading its weights."""
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(model), local_files_only=True)
+    except (OSError, ValueError) as err:  # as model_config: a hub name that is not cached, or not a name at all
+        raise FileNotFoundError(not_found(model)) from err
+
+
+def min_max_length(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The smallest max_length that keeps one token of each sentence of a (user, item) pair besides the
+    special tokens the tokenizer adds (a pair's for BERT-like encoders, one text's for decoders)."""
+    return tokenizer.num_special_tokens_to_add(pair=tokenizer.sep_token is not None) + 2
+
+
+def split_budget(user: int, item: int, budget: int) -> tuple[int, int]:
+    """How many of `user` and `item` tokens a pair keeps within `budget` tokens: the longer side is cut first
+    (Hugging Face's `truncation="longest_first"`), so a side is never cut below half the budget while the
+    other side is longer; with both over half, the item gets the odd token.
+
+    >>> split_budget(100, 200, 125), split_budget(10, 200, 125), split_budget(200, 10, 125)
+    ((62, 63), (10, 115), (115, 10))
+    """
+    if user + item <= budget:
+        return user, item
+    kept_user = min(user, max(budget // 2, budget - item))
+    return kept_user, min(item, budget - kept_user)
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     """Pool token states to one vector per text; works for left and right padding.
 
@@ -80,6 +108,11 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
+def too_short(max_length: int, minimum: int) -> str:
+    return (f"max_length={max_length} leaves no room for text: the tokenizer's special tokens plus one token of"
+            f" each sentence need at least {minimum}")
+
+
 class LanguageTower(nn.Module):
     """A pretrained encoder or decoder plus its tokenizer: text pairs -> pooled vectors.
 
@@ -89,7 +122,9 @@ class LanguageTower(nn.Module):
         pooling: "mean" (the paper's), "cls" or "last".
         trainable_layers: how many of the top transformer blocks train (with everything above them,
             e.g. a final layer norm); 0 freezes the tower, "all" trains every weight including embeddings.
-        max_length: tokens per text, special tokens included; only the user sentence is truncated.
+        max_length: tokens per text, special tokens included. A pair that does not fit is cut longest side
+            first (`split_budget`): the item sentence is cut only below half of it, or below what a short user
+            sentence leaves.
 
     Attributes:
         output_dim: H, the width of `forward`'s output.
@@ -104,8 +139,10 @@ class LanguageTower(nn.Module):
         self.pooling = pooling
         self.max_length = max_length
         source = resolve_model(model)
+        self.tokenizer: PreTrainedTokenizerBase = model_tokenizer(model)
+        if max_length < min_max_length(self.tokenizer):
+            raise ValueError(too_short(max_length, min_max_length(self.tokenizer)))
         try:
-            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(source, local_files_only=True)
             self.model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32)
         except OSError as err:
             raise FileNotFoundError(not_found(model)) from err
@@ -165,9 +202,11 @@ class LanguageTower(nn.Module):
     def tokenize(self, first: list[str], second: list[str] | None = None) -> BatchEncoding:
         """Tokenize texts, or (user sentence, item sentence) pairs, padded to the longest in the batch.
 
-        Only the first (user) sentence is ever truncated, so the item a row is about is always seen whole.
+        A text longer than max_length is cut at its end. A pair is cut longest side first (`split_budget`):
+        a long user sentence (its behavior sequence) is cut before the item sentence, and a long item sentence
+        (a catalogue's long product title) keeps at least half of max_length, or what the user sentence leaves.
         Decoder tokenizers have no pair template: the pair is read as the running text `first + " " + second`
-        and its user tokens are dropped by hand.
+        and its tokens are dropped by hand, by the same split.
 
         Args:
             first: N user sentences (or whole texts when `second` is None).
@@ -177,42 +216,52 @@ class LanguageTower(nn.Module):
             input_ids and attention_mask (and token_type_ids for BERT-like models), each N x L with
             L <= max_length.
         """
+        return self.tokenize_counted(first, second)[0]
+
+    def tokenize_counted(self, first: list[str], second: list[str] | None = None) -> tuple[BatchEncoding, int]:
+        """`tokenize`, and how many texts it cut: of pairs, those whose item sentence lost tokens (a cut user
+        sentence is CTRL's usual case, not worth a warning); of single texts, those longer than max_length."""
         if second is None:
-            return self.tokenizer(first, padding=True, truncation=True, max_length=self.max_length,
-                                  return_tensors="pt")
+            enc = self.tokenizer(first, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+            full = self.tokenizer(first)["input_ids"]
+            return enc, sum(len(ids) > self.max_length for ids in full)
         if len(first) != len(second):
             raise ValueError(f"{len(first)} user sentences but {len(second)} item sentences")
-        if self.pair_template:
-            try:
-                return self.tokenizer(first, second, padding=True, truncation="only_first",
-                                      max_length=self.max_length, return_tensors="pt")
-            except Exception as err:  # the tokenizers backend raises its own error type
-                raise ValueError(self._too_long_message()) from err
-        ids = [self._join_truncated(a, b) for a, b in zip(first, second, strict=True)]
-        return self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        if not self.pair_template:
+            joined = [self._join_truncated(a, b) for a, b in zip(first, second, strict=True)]
+            enc = self.tokenizer.pad({"input_ids": [ids for ids, _ in joined]}, padding=True, return_tensors="pt")
+            return enc, sum(cut for _, cut in joined)
+        enc = self.tokenizer(first, second, padding=True, truncation="longest_first", max_length=self.max_length,
+                             return_tensors="pt")
+        items = self.tokenizer(second, add_special_tokens=False)["input_ids"]
+        if self.tokenizer.is_fast:  # what the tokenizer kept of each item sentence
+            kept = [enc.sequence_ids(i).count(1) for i in range(len(items))]
+        else:  # no sequence ids: the same split, from both sentences' lengths
+            budget = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=True)
+            users = self.tokenizer(first, add_special_tokens=False)["input_ids"]
+            kept = [split_budget(len(u), len(i), budget)[1] for u, i in zip(users, items, strict=True)]
+        return enc, sum(k < len(ids) for k, ids in zip(kept, items, strict=True))
 
-    def _join_truncated(self, first: str, second: str) -> list[int]:
-        """Token ids of `first + " " + second` with the last user tokens dropped to fit max_length."""
+    def _join_truncated(self, first: str, second: str) -> tuple[list[int], bool]:
+        """Token ids of `first + " " + second` cut to max_length by `split_budget`, and whether the item
+        sentence lost tokens."""
         if not self.tokenizer.is_fast:
             raise ValueError(f"{type(self.tokenizer).__name__} has neither a pair template nor character"
-                             " offsets, so the user sentence cannot be truncated alone; use a fast tokenizer")
+                             " offsets, so the two sentences cannot be truncated apart; use a fast tokenizer")
         enc = self.tokenizer(f"{first} {second}", return_offsets_mapping=True, return_special_tokens_mask=True)
         ids = enc["input_ids"]
-        excess = len(ids) - self.max_length
-        if excess <= 0:
-            return ids
+        if len(ids) <= self.max_length:
+            return ids, False
         # User tokens end before the joining space; a token holding that space starts the item sentence.
-        user = [i for i, ((_, end), special) in enumerate(zip(enc["offset_mapping"], enc["special_tokens_mask"],
-                                                               strict=True))
-                if not special and end <= len(first)]
-        if len(user) < excess:
-            raise ValueError(self._too_long_message())
-        dropped = set(user[len(user) - excess:])
-        return [t for i, t in enumerate(ids) if i not in dropped]
-
-    def _too_long_message(self) -> str:
-        return (f"an item sentence alone does not fit in max_length={self.max_length} tokens; only the user"
-                " sentence is truncated, so raise max_length or shorten the item template")
+        user, item = [], []
+        for i, ((_, end), special) in enumerate(zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True)):
+            if not special:
+                (user if end <= len(first) else item).append(i)
+        budget = self.max_length - (len(ids) - len(user) - len(item))
+        kept_user, kept_item = split_budget(len(user), len(item), budget)
+        dropped = set(user[kept_user:]) | set(item[kept_item:])
+        return [t for i, t in enumerate(ids) if i not in dropped], kept_item < len(item)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

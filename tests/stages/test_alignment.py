@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from ctrl.module import AlignmentModule
 from ctrl.probe import TransferProbe, ValidateEvery
+from finetune.guards import ConfigError
 from finetune.module import load_aligned_tower
 from tabular2text.datamodule import CTRDataModule, TensorDictDataset
 from towers import BACKBONES, DeepFM
@@ -242,6 +243,41 @@ def test_entity_text_needs_a_frozen_tower_and_an_item_field(bert_dir, tmp_path):
         make_module(bert_dir, text_granularity="entity", trainable_layers=1)
     with pytest.raises(ValueError, match="item id field"):
         AlignmentModule(synthetic_spec().to_dict(), TOWER, language_model=str(bert_dir), text_granularity="entity")
+
+
+class LongTitles(TextData):
+    """TextData whose item sentences hold a 40-word title: longer than max_length 24 alone."""
+
+    TITLE = " ".join(["lipstick"] * 40)
+
+    def __init__(self, text_cache_dir) -> None:
+        super().__init__(text_cache_dir)
+        for frame in self.frames.values():
+            frame["item_text"] = [f"this is a product, title is {self.TITLE}."] * len(frame)
+
+    def item_catalog(self) -> tuple[np.ndarray, list[str]]:
+        ids, _ = super().item_catalog()
+        return ids, [f"this is a product, title is {self.TITLE} {i}." for i in ids]
+
+
+@pytest.mark.parametrize("granularity", ["row", "entity"])
+def test_long_item_sentences_are_cut_with_one_warning_per_encoding_pass(bert_dir, tmp_path, granularity):
+    data = LongTitles(tmp_path / "cache")
+    with pytest.warns(UserWarning) as record:
+        trainer(fast_dev_run=1).fit(make_module(bert_dir, max_length=24, text_granularity=granularity), datamodule=data)
+    cut = sorted(str(w.message) for w in record if "max_length" in str(w.message))
+    users = set(data.frame("train")["user_text"])  # one item sentence for all rows: a distinct pair per user
+    hint = "max_length=24 tokens; raise --model.init_args.max_length to keep them whole"
+    if granularity == "row":
+        assert cut == [f"{len(users)} of {len(users)} (user, item) texts had their item sentence cut (the longer"
+                       f" sentence of a pair is cut first) to fit {hint}"]
+    else:  # the 18 catalog items, then the one item sentence of the rows; the short user profiles fit
+        assert cut == [f"1 of 1 texts were cut to fit {hint}", f"18 of 18 texts were cut to fit {hint}"]
+
+
+def test_a_max_length_without_room_for_text_is_refused_naming_the_option(bert_dir):
+    with pytest.raises(ConfigError, match=r"^--model.init_args.max_length=4 leaves no room for text: .* at least 5$"):
+        make_module(bert_dir, max_length=4)  # [CLS] [SEP] [SEP] and one token of each sentence
 
 
 def test_trainable_top_layer_trains_only_that_layer(bert_dir, tmp_path):

@@ -13,7 +13,7 @@ from transformers import BertConfig, BertModel, BertTokenizer, GPT2Config, GPT2M
 import towers.encoder as encoder_module
 from tabular2text.text_vectors import TextVectorCache, shard_bounds, texts_key
 from towers.encoder import FrozenEncoder, native_bf16, resolve_precision
-from towers.language import LanguageTower, TopBlocks, pool
+from towers.language import LanguageTower, TopBlocks, pool, split_budget
 
 WORDS = ["this", "is", "a", "user", "movie", "gender", "female", "male", "age", "occupation", "doctor", "who", "has",
          "recently", "watched", "titanic", "avatar", "title", "the", "terminator", "genre", "sci", "fi", "comedy",
@@ -104,27 +104,57 @@ def test_top_k_on_a_decoder_also_trains_the_final_norm(gpt2_dir):
     assert trained == {n for n, _ in tower.model.named_parameters() if n.startswith(("h.1.", "ln_f."))}
 
 
-def test_truncation_keeps_the_whole_item_sentence(bert_dir):
-    tower = LanguageTower(str(bert_dir), max_length=24)
-    enc = tower.tokenize([USER], [ITEM])
-    tokens = tower.tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+def test_a_short_item_sentence_stays_whole_and_only_the_user_sentence_is_cut(bert_dir):
+    tower = LanguageTower(str(bert_dir), max_length=35)
     item = tower.tokenizer.tokenize(ITEM)
-    assert len(tokens) == 24
-    assert tokens[-len(item) - 1:] == [*item, "[SEP]"]
-    assert tokens[:4] == ["[CLS]", "this", "is", "a"]
+    assert len(item) == 16 and len(tower.tokenizer.tokenize(USER)) == 23  # 16: half of the 32 text tokens
+    enc, cut = tower.tokenize_counted([USER], [ITEM])
+    tokens = tower.tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    assert tokens == ["[CLS]", *tower.tokenizer.tokenize(USER)[:16], "[SEP]", *item, "[SEP]"]
+    assert cut == 0
 
 
-def test_decoder_truncation_drops_only_user_tokens(gpt2_dir):
-    tower = LanguageTower(str(gpt2_dir), pooling="last", max_length=40)
-    user, item = "This is a user who has recently watched Titanic.", "This is a movie, Avatar."
-    text = tower.tokenizer.decode(tower.tokenize([user], [item])["input_ids"][0])
-    assert len(tower.tokenize([user], [item])["input_ids"][0]) == 40
-    assert text.endswith(" " + item) and user.startswith(text[:-len(item) - 1])
+def test_a_long_item_sentence_is_cut_longest_side_first(bert_dir):
+    """max_length 24 leaves 21 text tokens besides [CLS] [SEP] [SEP]: two long sentences keep 10 (user) and
+    11 (item); a 4-token user sentence stays whole and the item keeps the other 17."""
+    tower = LanguageTower(str(bert_dir), max_length=24)
+    user, item = " ".join(["user"] * 30), " ".join(["movie"] * 30)  # one token per word
+    enc, cut = tower.tokenize_counted([user, "this is a user", USER], [item, item, "this is a movie"])
+    assert cut == 2  # the third pair's 4-token item sentence fits whole
+    tokens = [tower.tokenizer.convert_ids_to_tokens(ids) for ids in enc["input_ids"]]
+    assert tokens[0] == ["[CLS]", *["user"] * 10, "[SEP]", *["movie"] * 11, "[SEP]"]
+    assert tokens[1] == ["[CLS]", "this", "is", "a", "user", "[SEP]", *["movie"] * 17, "[SEP]"]
+    assert tokens[2][-6:] == ["[SEP]", "this", "is", "a", "movie", "[SEP]"] and len(tokens[2]) == 24
+    assert tower.tokenize_counted(["this is a user"], ["this is a movie"])[1] == 0
 
 
-def test_item_sentence_longer_than_max_length_is_a_clear_error(bert_dir):
-    with pytest.raises(ValueError, match="item sentence alone does not fit"):
-        LanguageTower(str(bert_dir), max_length=8).tokenize(["this is a user."], [ITEM])
+def test_split_budget_is_the_tokenizers_longest_first():
+    assert split_budget(100, 200, 125) == (62, 63)  # both long: halves, the odd token to the item
+    assert split_budget(10, 200, 125) == (10, 115)  # a short user sentence leaves the item the rest
+    assert split_budget(200, 10, 125) == (115, 10)  # a short item sentence stays whole (CTRL's usual case)
+    assert split_budget(60, 65, 125) == (60, 65)  # fits: nothing cut
+
+
+def test_decoder_truncation_cuts_the_longer_sentence_first(gpt2_dir):
+    """GPT-2 over raw bytes: one token per character, the joining space starts the item sentence; no special
+    tokens, so max_length 20 is all text."""
+    tower = LanguageTower(str(gpt2_dir), pooling="last", max_length=20)
+    texts = [("abcdefghij", "x" * 30), ("a" * 30, "xyz"), ("abcdefghij", "xyz")]
+    enc, cut = tower.tokenize_counted([u for u, _ in texts], [i for _, i in texts])
+    decoded = [tower.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(enc["input_ids"], enc["attention_mask"],
+                                                                              strict=True)]
+    assert decoded == ["abcdefghij " + "x" * 9, "a" * 16 + " xyz", "abcdefghij xyz"]
+    assert cut == 1
+
+
+def test_a_max_length_without_room_for_text_is_a_clear_error(bert_dir, gpt2_dir):
+    with pytest.raises(ValueError, match="max_length=4 leaves no room for text: .* need at least 5"):
+        LanguageTower(str(bert_dir), max_length=4)  # [CLS] [SEP] [SEP] + one token of each sentence
+    tokens = LanguageTower(str(bert_dir), max_length=5).tokenize([USER], [ITEM])["input_ids"][0]
+    assert LanguageTower(str(bert_dir)).tokenizer.convert_ids_to_tokens(tokens) == [
+        "[CLS]", "this", "[SEP]", "this", "[SEP]"]
+    with pytest.raises(ValueError, match="need at least 2"):
+        LanguageTower(str(gpt2_dir), max_length=1)
 
 
 def test_missing_model_and_non_model_folder_errors(tmp_path):
@@ -147,6 +177,21 @@ def test_encoder_restores_input_order_across_chunks_and_batches(bert_dir):
     with torch.no_grad():
         one_by_one = torch.cat([tower(**tower.tokenize([a], [b])) for a, b in zip(first, second, strict=True)])
     torch.testing.assert_close(vectors, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_an_encoding_pass_warns_once_with_the_count_of_cut_texts(bert_dir, recwarn):
+    enc = FrozenEncoder(LanguageTower(str(bert_dir), max_length=24), "cpu", "fp32", chunk_size=1)
+    long_item = " ".join(["movie"] * 30)
+    enc.encode(["this is a user", USER, "this is a user"], [long_item, "this is a movie", long_item])  # 3 chunks
+    enc.encode([ITEM, long_item])  # 18 and 32 tokens with [CLS] [SEP]
+    assert [str(w.message) for w in recwarn] == [
+        "2 of 3 (user, item) texts had their item sentence cut (the longer sentence of a pair is cut first) to fit"
+        " max_length=24 tokens; raise --model.init_args.max_length to keep them whole",
+        "1 of 2 texts were cut to fit max_length=24 tokens; raise --model.init_args.max_length to keep them whole"]
+    recwarn.clear()
+    enc.encode([USER], ["this is a movie"])  # only the 23-token user sentence is cut: CTRL's usual case
+    enc.token_lengths([USER], [long_item])  # counting tokens is not an encoding pass
+    assert not recwarn
 
 
 def test_bf16_weights_stay_close_to_fp32_and_auto_follows_the_device(bert_dir):
@@ -197,7 +242,7 @@ def test_cache_encodes_duplicates_once_and_reloads_memory_mapped_without_encodin
     torch.testing.assert_close(torch.from_numpy(vectors[index]), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_cache_key_changes_with_text_pooling_max_length_weights_and_precision(bert_dir):
+def test_cache_key_changes_with_text_pooling_max_length_version_weights_and_precision(bert_dir, monkeypatch):
     texts = [("this is a user.", "this is a movie.")]
     tower = LanguageTower(str(bert_dir))
     key = texts_key(FrozenEncoder(tower, precision="fp32").fingerprint, texts, pairs=True)
@@ -210,6 +255,9 @@ def test_cache_key_changes_with_text_pooling_max_length_weights_and_precision(be
                      texts, True) != key
     assert texts_key(FrozenEncoder(LanguageTower(str(bert_dir), max_length=32), precision="fp32").fingerprint,
                      texts, True) != key
+    monkeypatch.setattr(encoder_module, "CACHE_VERSION", encoder_module.CACHE_VERSION + 1)  # e.g. a new truncation
+    assert texts_key(FrozenEncoder(tower, precision="fp32").fingerprint, texts, True) != key
+    monkeypatch.undo()
     with torch.no_grad():
         tower.transformer_blocks()[1].output.dense.bias[0] += 1e-3
     assert texts_key(FrozenEncoder(tower, precision="fp32").fingerprint, texts, True) != key
