@@ -1,6 +1,6 @@
 """Train every registered backbone from scratch on MovieLens-100K; print and save a markdown table.
 
-    python benchmarks/backbones_ml100k.py [--data_dir ../shared/data/ml-100k] [--max_epochs 20]
+    python -m benchmarks backbones [--data_dir ../shared/data/ml-100k] [--max_epochs 20]
 
 Each backbone: paper defaults (embed 32, MLP 256-128-64, BatchNorm, dropout), Adam lr 1e-3, batch 2048,
 seed 0, early stopping on val/auc (patience 2); the best checkpoint (by val/auc) is tested. The split is
@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import pytorch_lightning as pl
 import torch
-from jsonargparse import auto_cli
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
 
+from benchmarks.common import command
 from finetune.module import CTRModule
 from tabular2text.datamodule import CTRDataModule
 from towers import BACKBONES
@@ -82,7 +82,7 @@ def main(data_dir: str = "../shared/data/ml-100k", max_epochs: int = 20,
     print(table)
     header = (
         f"# Backbones on MovieLens-100K, trained from scratch (seed {SEED})\n\n"
-        f"Produced by `python benchmarks/backbones_ml100k.py` (torch {torch.__version__}, Lightning"
+        f"Produced by `{command()}` (torch {torch.__version__}, Lightning"
         f" {pl.__version__}, {platform.machine()} CPU, {torch.get_num_threads()} threads)."
         f" Data: `{datamodule.prepared_dir.name}`, 8:1:1 split by time. Test AUC and logloss of the"
         " best-val-AUC checkpoint; epochs = epochs"
@@ -91,6 +91,3 @@ def main(data_dir: str = "../shared/data/ml-100k", max_epochs: int = 20,
     )
     args.out.write_text(header + table + "\n")
 
-
-if __name__ == "__main__":
-    auto_cli(main)

@@ -1,6 +1,6 @@
 """Inference cost on the MovieLens-100K test split: CTRL's exported model vs the plain backbone vs a language model.
 
-    python benchmarks/cost_ml100k.py [--data_dir ../shared/data/ml-100k] [--ctrl_export '[runs/main/export,...]']
+    python -m benchmarks cost [--data_dir ../shared/data/ml-100k] [--ctrl_export '[runs/main/export,...]']
 
 (a) The four paper backbones (wide_deep, deepfm, dcn, autoint, as configured in configs/ml100k/finetune.yaml
     + finetune/BACKBONE.yaml) are trained from scratch (stage 2 only, early stopping on val AUC, as
@@ -37,7 +37,6 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from jsonargparse import auto_cli
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
@@ -60,7 +59,7 @@ from towers.mlp import MLP
 
 SEED = 0
 BACKBONES = ("wide_deep", "deepfm", "dcn", "autoint")
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "ml100k"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ml100k"
 
 
 class SemanticHead(pl.LightningModule):
@@ -292,7 +291,7 @@ def main(data_dir: str = "../shared/data/ml-100k", ctrl_export: list[str] | None
 
 def write_report(args: SimpleNamespace, table: str, semantic: dict, encode_seconds: dict[str, float],
                  raw_test: pd.DataFrame, rate: dict, times: dict, load: list[float]) -> None:
-    command = f"python benchmarks/cost_ml100k.py --data_dir {args.data_dir} --threads {args.threads}"
+    command = f"python -m benchmarks cost --data_dir {args.data_dir} --threads {args.threads}"
     command += " --ctrl_export '[" + ",".join(map(str, args.ctrl_export)) + "]'" if args.ctrl_export else ""
     plain_scorer = [rate[("plain", n, "scorer")] for n in BACKBONES]
     spread = {k: (min(v) / statistics.median(v), max(v) / statistics.median(v)) for k, v in times.items()}
@@ -335,6 +334,3 @@ def write_report(args: SimpleNamespace, table: str, semantic: dict, encode_secon
     )
     args.out.write_text(text)
 
-
-if __name__ == "__main__":
-    auto_cli(main)

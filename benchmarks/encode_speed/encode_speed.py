@@ -1,6 +1,6 @@
 """Text-encoding speed of the language tower on ML-100K: a naive Hugging Face loop vs every CPU candidate.
 
-    python benchmarks/encode_speed.py --data_dir ../shared/data/ml-100k --n 5000
+    python -m benchmarks encode_speed --data_dir ../shared/data/ml-100k --n 5000
 
 On the same N texts (a seeded sample of all splits, as (user sentence, item sentence) pairs), one after the
 other in one process, it times
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from jsonargparse import auto_cli
 
 from ctrl.report import cpu_model
 from tabular2text.datamodule import CTRDataModule
@@ -179,6 +178,3 @@ def main(data_dir: str = "data/ml-100k", n: int = 5000, seed: int = 0,
         cosine = torch.nn.functional.cosine_similarity(vectors, reference, dim=1).numpy().astype(np.float64)
         print(f"| {name} | {rate:.1f} | {rate / naive_rate:.2f} | {cosine.min():.5f} | {cosine.mean():.6f} | {note} |")
 
-
-if __name__ == "__main__":
-    auto_cli(main)

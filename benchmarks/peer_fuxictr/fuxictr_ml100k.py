@@ -1,7 +1,7 @@
 """Peer comparison on MovieLens-100K: FuxiCTR's DCN and DeepFM beside ours, same split, same hyper-parameters.
 
     pip install -e '.[peer]'    # fuxictr==2.3.10 (pulls ray, polars, scikit-learn, h5py; no torch)
-    python benchmarks/fuxictr_ml100k.py [--data_dir ../shared/data/ml-100k] [--max_epochs 20]
+    python -m benchmarks peer_fuxictr [--data_dir ../shared/data/ml-100k] [--max_epochs 20]
 
 The prepared splits of `CTRDataModule` (8:1:1 by time) are written as parquet files with every field
 of our feature spec: user id, gender, age, occupation, zip code, item id, title and release year as
@@ -47,7 +47,6 @@ from fuxictr.pytorch.layers import CrossNet, FactorizationMachine, FeatureEmbedd
 from fuxictr.pytorch.models import BaseModel
 from fuxictr.pytorch.torch_utils import seed_everything
 from fuxictr.utils import load_config, set_logger
-from jsonargparse import auto_cli
 
 from ctrl.lightning import lightning_cli
 from ctrl.pipeline import stage_configs
@@ -57,7 +56,7 @@ from tabular2text.schema import PAD, FeatureSpec
 
 SEED = 0
 DATASET_ID = "ml100k_ctrl_split"
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "ml100k"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ml100k"
 FUXI_SPLITS = {"train": "train", "val": "valid", "test": "test"}
 HYPER = {"learning_rate": 1e-3, "batch_size": 2048, "embedding_dim": 32, "hidden_units": [256, 128, 64],
          "batch_norm": True, "net_dropout": 0.1, "num_cross_layers": 3, "early_stop_patience": 2}
@@ -285,7 +284,7 @@ def write_report(args: SimpleNamespace, table: str, datamodule: CTRDataModule, b
 Produced on {date.today().isoformat()} by
 
     pip install -e '.[peer]'
-    python benchmarks/fuxictr_ml100k.py --data_dir {args.data_dir} \\
+    python -m benchmarks peer_fuxictr --data_dir {args.data_dir} \\
         --max_epochs {args.max_epochs} --threads {args.threads}
 
 Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()}; torch {torch.__version__},
@@ -335,6 +334,3 @@ def ray_version() -> str:
 
     return ray.__version__
 
-
-if __name__ == "__main__":
-    auto_cli(main)

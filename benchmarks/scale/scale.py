@@ -1,7 +1,7 @@
 """The scale benchmark: a 1M-rating MovieLens-1M-format table through prepare, encoding, stage 1 and stage 2.
 
-    python benchmarks/synthetic_ml1m.py --out /tmp/ml-1m-synthetic --ratings 1000000
-    python benchmarks/scale.py --data_dir /tmp/ml-1m-synthetic --work /tmp/scale
+    python -m benchmarks synthetic_ml1m --out /tmp/ml-1m-synthetic --ratings 1000000
+    python -m benchmarks scale --data_dir /tmp/ml-1m-synthetic --work /tmp/scale
 
 Every phase runs as its own `ctrl` (or python) process under `/usr/bin/time`, so its wall time and peak
 resident memory (max RSS) are the process's own:
@@ -25,8 +25,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-from jsonargparse import auto_cli
 
 from ctrl.report import cpu_model
 
@@ -73,7 +71,7 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
     """Run the phases and print their table.
 
     Args:
-        data_dir: a MovieLens-1M-format folder (benchmarks/synthetic_ml1m.py writes one).
+        data_dir: a MovieLens-1M-format folder (`python -m benchmarks synthetic_ml1m` writes one).
         work: scratch folder: the data cache, text cache, runs and logs (emptied first).
         row_texts: row-level texts actually encoded in encode_rows.
     """
@@ -82,7 +80,7 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
     root.mkdir(parents=True)
     env = {**os.environ, "CTRL_CACHE_DIR": str(root / "cache"), "WANDB_MODE": "offline"}
     ctrl = [sys.executable, "-m", "ctrl.cli"]
-    configs = Path(__file__).resolve().parents[1] / "configs" / "ml100k"
+    configs = Path(__file__).resolve().parents[2] / "configs" / "ml100k"
     results = {}
     results["prepare"] = timed([*ctrl, "prepare", "--data_dir", data_dir], root / "prepare.log", env)
     results["encode_rows"] = timed([sys.executable, "-c", ENCODE_ROWS, data_dir, str(row_texts),
@@ -114,6 +112,3 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
     (root / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "stdout"}
                                                    for k, v in results.items()} | {"rows": rows}, indent=1))
 
-
-if __name__ == "__main__":
-    auto_cli(main)

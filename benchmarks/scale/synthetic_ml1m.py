@@ -1,6 +1,6 @@
-"""A synthetic data set in the MovieLens-1M format, for the scale benchmark (benchmarks/scale.md).
+"""A synthetic data set in the MovieLens-1M format, for the scale benchmark (benchmarks/scale/scale.md).
 
-    python benchmarks/synthetic_ml1m.py --out /tmp/ml-1m-synthetic --ratings 1000000
+    python -m benchmarks synthetic_ml1m --out /tmp/ml-1m-synthetic --ratings 1000000
 
 Same files and fields as ML-1M (ratings.dat, users.dat, movies.dat, `::`-separated): 6,040 users with
 gender, age bucket, occupation and zip code; 3,952 movies with a title of two to five words plus a year and
@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from jsonargparse import auto_cli
 
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
           "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
@@ -65,6 +64,3 @@ def generate(out: str = "/tmp/ml-1m-synthetic", ratings: int = 1_000_000, users:
         fh.writelines(f"{u + 1}::{m + 1}::{s}::{t}\n" for u, m, s, t in zip(who, what, stars, when, strict=True))
     print(f"wrote {ratings:,} ratings of {users:,} users and {movies:,} movies to {folder}")
 
-
-if __name__ == "__main__":
-    auto_cli(generate)

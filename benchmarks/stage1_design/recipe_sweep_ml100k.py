@@ -1,11 +1,11 @@
 """Choose the stage-1 recipe on validation: DCN, seed 0, ML-100K; stage 2 is the shipped finetune.yaml (DCN).
 
-    python benchmarks/recipe_sweep_ml100k.py --data_dir ../shared/data/ml-100k [--runs '[base,b1024_e10_tau0.1]']
+    python -m benchmarks recipe_sweep --data_dir ../shared/data/ml-100k [--runs '[base,b1024_e10_tau0.1]']
 
 Each run trains stage 1 with the overrides below (all explicit, so the result does not depend on the
 shipped defaults), then stage 2 from its best checkpoint, and records the best validation AUC of stage 2
 (the decision) next to its test metrics (reported, never used to choose). Results are appended to
-`--out/results.jsonl`; a rerun skips recorded runs; the table goes to benchmarks/recipe_sweep_ml100k.md.
+`--out/results.jsonl`; a rerun skips recorded runs; the table goes to benchmarks/stage1_design/recipe_sweep_ml100k.md.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from jsonargparse import auto_cli
 
+from benchmarks.common import command
 from ctrl.lightning import lightning_cli
 from ctrl.report import cpu_model
 from tabular2text.atomic import atomic_write_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "ml100k"
 
 
@@ -76,7 +76,7 @@ def write_table(records: list[dict], path: Path, command: str) -> None:
 
 
 def main(data_dir: str = "../shared/data/ml-100k", out: str = "runs/recipe-sweep", runs: list[str] | None = None,
-         table: str = str(ROOT / "benchmarks" / "recipe_sweep_ml100k.md")) -> None:
+         table: str = str(Path(__file__).with_suffix(".md"))) -> None:
     """Run the named recipes (default: all) that are not recorded yet, then write the table.
 
     Args:
@@ -99,8 +99,5 @@ def main(data_dir: str = "../shared/data/ml-100k", out: str = "runs/recipe-sweep
             with results.open("a") as f:
                 f.write(json.dumps(record) + "\n")
     records = [json.loads(line) for line in results.read_text().splitlines()]
-    write_table(records, Path(args.table), "python benchmarks/recipe_sweep_ml100k.py --data_dir " + args.data_dir)
+    write_table(records, Path(args.table), command())
 
-
-if __name__ == "__main__":
-    auto_cli(main)

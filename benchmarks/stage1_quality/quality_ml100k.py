@@ -1,6 +1,6 @@
-"""The quality study on MovieLens-100K (benchmarks/quality_ml100k.md), from `ctrl bench` result stores.
+"""The quality study on MovieLens-100K (benchmarks/stage1_quality/quality_ml100k.md), from `ctrl bench` result stores.
 
-    python benchmarks/quality_ml100k.py --stores '{"fold 0": "runs/bench-r2/results.jsonl",
+    python -m benchmarks quality --stores '{"fold 0": "runs/bench-r2/results.jsonl",
         "fold 1": "runs/bench-fold1/results.jsonl"}' --tuning runs/tune-base/results.jsonl
 
 Three tables, all on validation AUC (test is never read here):
@@ -12,14 +12,12 @@ Three tables, all on validation AUC (test is never read here):
 
 from __future__ import annotations
 
-import shlex
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from jsonargparse import auto_cli
 
+from benchmarks.common import command
 from ctrl.report import mean_std, read_records
 from tabular2text.atomic import atomic_write_text
 
@@ -95,8 +93,8 @@ def tuning_table(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def main(*, stores: dict[str, str], tuning: str | None = None, out: str = "benchmarks/quality_ml100k.md",
-         notes: str | None = "benchmarks/quality_notes.md") -> None:
+def main(*, stores: dict[str, str], tuning: str | None = None, out: str = "benchmarks/stage1_quality/quality_ml100k.md",
+         notes: str | None = "benchmarks/stage1_quality/quality_notes.md") -> None:
     """Write the quality study.
 
     Args:
@@ -105,9 +103,8 @@ def main(*, stores: dict[str, str], tuning: str | None = None, out: str = "bench
         out: the markdown file to write.
         notes: a markdown file appended verbatim when it exists (the reading of the tables).
     """
-    command = shlex.join(["python", "benchmarks/quality_ml100k.py", *sys.argv[1:]])
     text = ["# Quality study on MovieLens-100K: what stage 1 learns, when it helps, against a tuned baseline", "",
-            f"Written by `{command}`. Validation AUC only (test is never read here); mean ± sample std over seeds;"
+            f"Written by `{command()}`. Validation AUC only (test is never read here); mean ± sample std over seeds;"
             " differences are paired by seed.", "", "## Stage-1 variants: what stage 1 solves, what stage 2 gains", ""]
     everything = []
     for label, path in stores.items():
@@ -123,6 +120,3 @@ def main(*, stores: dict[str, str], tuning: str | None = None, out: str = "bench
     atomic_write_text(Path(out), "\n".join(text))
     print(f"wrote {out}")
 
-
-if __name__ == "__main__":
-    auto_cli(main)
