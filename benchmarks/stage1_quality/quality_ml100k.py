@@ -94,16 +94,19 @@ def tuning_table(rows: list[dict]) -> list[str]:
 
 
 def main(*, stores: dict[str, str], tuning: str | None = None, out: str = "benchmarks/stage1_quality/quality_ml100k.md",
-         notes: str | None = "benchmarks/stage1_quality/quality_notes.md") -> None:
+         notes: str | None = "benchmarks/stage1_quality/quality_notes.md",
+         title: str = "Quality study on MovieLens-100K: what stage 1 learns, when it helps, against a tuned baseline",
+         ) -> None:
     """Write the quality study.
 
     Args:
         stores: label -> a `ctrl bench` results.jsonl (e.g. one per validation fold).
-        tuning: the results.jsonl of configs/bench/ml100k_tune_base.yaml.
+        tuning: a `ctrl bench` results.jsonl of the baseline's stage-2 settings (benchmarks/tune_base/).
         out: the markdown file to write.
         notes: a markdown file appended verbatim when it exists (the reading of the tables).
+        title: the report's heading.
     """
-    text = ["# Quality study on MovieLens-100K: what stage 1 learns, when it helps, against a tuned baseline", "",
+    text = [f"# {title}", "",
             f"Written by `{command()}`. Validation AUC only (test is never read here); mean ± sample std over seeds;"
             " differences are paired by seed.", "", "## Stage-1 variants: what stage 1 solves, what stage 2 gains", ""]
     everything = []
