@@ -48,7 +48,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
     """"auto": bf16 weights where the device has native bf16 (cosine >= 0.9999 to fp32, about 3x faster on
-    an AMX CPU; benchmarks/encode_speed.md), fp32 elsewhere, where emulated bf16 would be slower."""
+    an AMX CPU; benchmarks/encode_speed/encode_speed.md), fp32 elsewhere, where emulated bf16 would be slower."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"unknown text precision {precision!r}; use auto, fp32 or bf16")
     if precision == "auto":

@@ -1,0 +1,3 @@
+from benchmarks.common import main
+
+main()

@@ -1,0 +1,114 @@
+"""The scale benchmark: a 1M-rating MovieLens-1M-format table through prepare, encoding, stage 1 and stage 2.
+
+    python -m benchmarks synthetic_ml1m --out /tmp/ml-1m-synthetic --ratings 1000000
+    python -m benchmarks scale --data_dir /tmp/ml-1m-synthetic --work /tmp/scale
+
+Every phase runs as its own `ctrl` (or python) process under `/usr/bin/time`, so its wall time and peak
+resident memory (max RSS) are the process's own:
+  prepare        `ctrl prepare` on an empty cache (read, history, labels, split, vocabularies, text);
+  encode_rows    row-level text (the paper's): every distinct (user, item) sentence pair of train + val is
+                 counted, the cache array for all of them is created memory-mapped, and the first
+                 `--row_texts` pairs are encoded into it with `FrozenEncoder` (text_precision auto): the memory
+                 profile of the full job, for a measured share of its time;
+  stage1_entity  `ctrl fit` of configs/ml100k/align.yaml, 1 epoch, text_granularity entity (one text per
+                 user and per item, encoding included);
+  stage2         `ctrl fit` of configs/ml100k/finetune.yaml, 1 epoch, from stage 1's checkpoint.
+Prints a markdown table of the phases; `scale.md` holds it with the extrapolation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ctrl.report import cpu_model
+
+ENCODE_ROWS = """
+import json, sys, time
+import numpy as np
+from tabular2text.datamodule import CTRDataModule
+from towers.language import LanguageTower
+from tabular2text.text_vectors import distinct
+from towers.encoder import FrozenEncoder
+data_dir, limit, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+dm = CTRDataModule(data_dir)
+first, second = [], []
+for split in ("train", "val"):
+    a, b = dm.texts(split)
+    first += a
+    second += b
+unique, index = distinct(first, second)
+encoder = FrozenEncoder(LanguageTower())
+vectors = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(len(unique), encoder.output_dim))
+part = unique[:limit]
+start = time.perf_counter()
+encoder.encode_into(vectors, [t[0] for t in part], [t[1] for t in part], progress=False)
+seconds = time.perf_counter() - start
+print(json.dumps({"rows": len(first), "distinct": len(unique), "encoded": len(part), "encode_seconds": seconds,
+                  "precision": encoder.precision}))
+"""
+
+
+def timed(command: list[str], log: Path, env: dict[str, str]) -> dict:
+    """Run `command` under /usr/bin/time; its wall seconds, peak RSS (GB) and stdout."""
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        done = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", *command], stdout=subprocess.PIPE,
+                              stderr=fh, text=True, env=env)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}); see {log}")
+    rss = int(re.findall(r"maxrss_kb=(\d+)", log.read_text())[-1]) / 1e6
+    return {"seconds": wall, "rss_gb": rss, "stdout": done.stdout}
+
+
+def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_texts: int = 20000) -> None:
+    """Run the phases and print their table.
+
+    Args:
+        data_dir: a MovieLens-1M-format folder (`python -m benchmarks synthetic_ml1m` writes one).
+        work: scratch folder: the data cache, text cache, runs and logs (emptied first).
+        row_texts: row-level texts actually encoded in encode_rows.
+    """
+    root = Path(work)
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    root.mkdir(parents=True)
+    env = {**os.environ, "CTRL_CACHE_DIR": str(root / "cache"), "WANDB_MODE": "offline"}
+    ctrl = [sys.executable, "-m", "ctrl.cli"]
+    configs = Path(__file__).resolve().parents[2] / "configs" / "ml100k"
+    results = {}
+    results["prepare"] = timed([*ctrl, "prepare", "--data_dir", data_dir], root / "prepare.log", env)
+    results["encode_rows"] = timed([sys.executable, "-c", ENCODE_ROWS, data_dir, str(row_texts),
+                                    str(root / "row-vectors.npy")], root / "encode_rows.log", env)
+    results["encode_rows"].update(json.loads(results["encode_rows"]["stdout"].strip().splitlines()[-1]))
+    common = ["--data.data_dir", data_dir, "--trainer.max_epochs", "1", "--trainer.logger", "false"]
+    results["stage1_entity"] = timed([*ctrl, "fit", "--config", str(configs / "align.yaml"), *common,
+                                      "--model.init_args.text_granularity", "entity",
+                                      "--trainer.default_root_dir", str(root / "align")],
+                                     root / "stage1.log", env)
+    results["stage2"] = timed([*ctrl, "fit", "--config", str(configs / "finetune.yaml"), *common,
+                               "--model.init_args.init_from", str(root / "align" / "checkpoints" / "best.ckpt"),
+                               "--trainer.default_root_dir", str(root / "finetune")], root / "stage2.log", env)
+    meta = json.loads(next((root / "cache" / "prepared").glob("*/meta.json")).read_text())
+    rows = {split: v["rows"] for split, v in meta["splits"].items()}
+    enc = results["encode_rows"]
+    rate = enc["encoded"] / enc["encode_seconds"]
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; data {data_dir}:"
+          f" {sum(rows.values()):,} labelled rows ({rows['train']:,} train, {rows['val']:,} val,"
+          f" {rows['test']:,} test)")
+    print("\n| phase | wall s | peak RSS GB | note |\n|---|---|---|---|")
+    print(f"| prepare | {results['prepare']['seconds']:.1f} | {results['prepare']['rss_gb']:.2f} | |")
+    print(f"| encode_rows | {enc['seconds']:.1f} | {enc['rss_gb']:.2f} | {enc['encoded']:,} of {enc['distinct']:,}"
+          f" distinct train+val pairs encoded in {enc['encode_seconds']:.1f} s,"
+          f" {rate:.1f} texts/s ({enc['precision']}); all {enc['distinct']:,}:"
+          f" {enc['distinct'] / rate / 60:.0f} min |")
+    for name in ("stage1_entity", "stage2"):
+        print(f"| {name} | {results[name]['seconds']:.1f} | {results[name]['rss_gb']:.2f} | 1 epoch |")
+    (root / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "stdout"}
+                                                   for k, v in results.items()} | {"rows": rows}, indent=1))
+
