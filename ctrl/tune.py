@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -136,7 +137,8 @@ def write_overlays(tuned_dir: Path, config_dir: Path, backbone: str, arm_align: 
         if not isinstance(content, dict):
             raise ConfigError(f"{source} is no mapping of options; it cannot take the tuned values")
         merge(content, chosen)
-    header = "".join(f"# {line}\n" for line in why.splitlines())
+    # wrapped, so the shipped file reads like the hand-written overlays beside it
+    header = "".join(f"# {line}\n" for line in textwrap.wrap(why, 116, break_long_words=False, break_on_hyphens=False))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, header + yaml.safe_dump(content, sort_keys=False))
     return path
