@@ -5,6 +5,10 @@ written by ctrl/report.py).
     ctrl bench --config configs/bench/ml100k.yaml --data_dir ../shared/data/ml-100k
     ctrl bench --config configs/bench/ml100k.yaml --data_dir ../shared/data/ml-100k --variants coarse_only,fine_only
     ctrl bench --config configs/bench/ml100k.yaml --report_only true
+    ctrl bench --config configs/bench/ml100k.yaml --data_dir DIR --tune true --out runs/bench-tuned
+
+With `--tune true` each arm's stage 2 is first searched on validation with the same trials (`tuning`,
+ctrl/tune.py) and the winners are the `base` and `ctrl` rows.
 
 Each run is `ctrl.pipeline.train` with the shipped stage configs plus the variant's overrides and
 `--seed_everything SEED`. Every finished run appends one JSON line to `<out>/results.jsonl`; a rerun skips
@@ -25,6 +29,7 @@ from pathlib import Path
 from ctrl.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, stage_configs, timed, train
 from ctrl.probe import TransferProbe
 from ctrl.report import BASE, CTRL, append_record, command_line, machine, read_records, write_report
+from ctrl.tune import TUNING, Tuning, choose, draw_trials, grid_record, trial_args, trial_name, write_overlays
 from finetune.guards import ConfigError
 from tabular2text.atomic import atomic_write_text
 
@@ -59,7 +64,8 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
           backbones: tuple[str, ...] = ("wide_deep", "deepfm", "dcn", "autoint"),
           seeds: tuple[int, ...] = (0, 1, 2, 3, 4), ablations: tuple[Variant, ...] = (),
           ablation_backbones: tuple[str, ...] = ("dcn",), ablation_seeds: tuple[int, ...] = (0, 1, 2),
-          variants: str = "base,ctrl", report_only: bool = False, report: str = "benchmarks/RESULTS.md",
+          variants: str = "base,ctrl", tune: bool = False, tuning: Tuning = TUNING, report_only: bool = False,
+          report: str = "benchmarks/RESULTS.md",
           plot: str = "benchmarks/results_auc.png",
           include: tuple[str, ...] = ("benchmarks/cost_ml100k.md", "benchmarks/fuxictr_ml100k.md")) -> None:
     """Train base vs CTRL (and selected ablations) per backbone and seed, then write the report.
@@ -77,6 +83,10 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
         ablation_backbones: backbones of an ablation that names none.
         ablation_seeds: seeds of an ablation that names none.
         variants: comma-separated names of the variants to run, or "all".
+        tune: search base's and ctrl's stage 2 first (`tuning`, the same trials for both, chosen on validation
+            AUC), write the winners' overlays to OUT/tuned/ and run the winners as base and ctrl over `seeds`.
+        tuning: the search of `tune`: grid (dropout, lr, weight_decay), trials, the seed drawing them and the
+            seeds each trial trains with.
         report_only: write the report from results.jsonl without training.
         report: the markdown report to write.
         plot: the PNG to write: test AUC, mean and std over seeds, base vs CTRL per backbone.
@@ -89,10 +99,14 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
                              v.backbones or list(ablation_backbones), v.seeds or list(ablation_seeds)))
     results = Path(out) / RESULTS_FILE
     if not report_only:
-        for v in select(known, variants):
+        plan = [(v, {}) for v in select(known, variants)]
+        refuse_other_headline(plan, results, tune)
+        if tune:
+            plan = tuned(plan, tuning, backbones, seeds, list(args), data_dir, Path(config_dir), Path(out))
+        for v, extra in plan:
             for backbone in v.backbones:
                 for seed in v.seeds:
-                    run_once(v, backbone, seed, [*args, *v.args], data_dir, Path(config_dir), Path(out))
+                    run_once(v, backbone, seed, [*args, *v.args], data_dir, Path(config_dir), Path(out), extra)
     records = read_records(results)
     if not records:
         print(f"bench: no finished runs in {results}, no report written")
@@ -115,9 +129,58 @@ def select(known: list[Variant], names: str) -> list[Variant]:
     return [by_name[n] for n in wanted]
 
 
+def refuse_other_headline(plan: list[tuple[Variant, dict]], results: Path, tune: bool) -> None:
+    """Refuse, before any training, a store whose base or ctrl runs were chosen the other way (tuned here vs
+    the config directory's settings): the report pairs them by seed, so the two cannot share a store."""
+    arms = {v.name for v, _ in plan} & {BASE, CTRL}
+    other = next((r for r in read_records(results) if r["variant"] in arms and ("tuned" in r) != tune), None)
+    if other:
+        how = "with the config directory's settings" if tune else "with tuned settings (--tune true)"
+        run = f"{other['variant']}/{other['backbone']}/seed {other['seed']}"
+        raise ConfigError(f"{results} records {run} trained {how}; give this benchmark another --out")
+
+
+def tuned(plan: list[tuple[Variant, dict]], tuning: Tuning, backbones: tuple[str, ...], seeds: tuple[int, ...],
+          args: list[str], data_dir: str, config_dir: Path, out: Path) -> list[tuple[Variant, dict]]:
+    """`--tune true`: per backbone, each of base and ctrl (those in the plan) trains the same trials on the
+    tuning seeds (variants ARM_trialN, recorded like any run; CTRL's reuse one stage-1 run per backbone and
+    seed); the trial with the best mean validation AUC becomes that arm's run over `seeds`, and its values are
+    written to OUT/tuned/ as overlays. Returns the plan with base and ctrl replaced by their winners."""
+    arms = [v for v, _ in plan if v.name in (BASE, CTRL)]
+    if not arms:
+        raise ConfigError("--tune true searches base's and ctrl's stage 2; --variants names neither")
+    trials, grid, results = draw_trials(tuning), grid_record(tuning), out / RESULTS_FILE
+    print(f"bench: tuning {', '.join(v.name for v in arms)} on {len(trials)} trial(s) x seeds {tuning.seeds}")
+    winners: dict[str, list[tuple[Variant, dict]]] = {v.name: [] for v in arms}
+    for backbone in backbones:
+        for index, values in enumerate(trials):
+            for arm in arms:  # the same trial list for both arms
+                trial = Variant(trial_name(arm.name, index), arm.align, arm.args, arm.align_args,
+                                [*arm.finetune_args, *trial_args(values)])
+                for seed in tuning.seeds:
+                    run_once(trial, backbone, seed, [*args, *arm.args], data_dir, config_dir, out,
+                             {"trial": {"arm": arm.name, "index": index, "values": values}, "grid": grid})
+        records = read_records(results)
+        for arm in arms:
+            best, score = choose(records, arm.name, backbone, tuning, len(trials))
+            values = score["values"]
+            settings = ", ".join(f"{k} {v:g}" for k, v in values.items())
+            why = (f"Written by `{command_line()}` from {results}: {arm.name}'s stage 2 for {backbone}, trial {best}"
+                   f" of {len(trials)} ({settings}), the best mean validation AUC ({score['val_auc']:.4f}) over"
+                   f" seeds {score['seeds']}. To ship it, copy it to the same path under your config directory.")
+            overlay = write_overlays(out / "tuned", config_dir, backbone, arm.align, values, why)
+            print(f"bench: {arm.name}/{backbone}: trial {best} chosen on validation AUC -> {overlay}")
+            winners[arm.name].append((
+                Variant(arm.name, arm.align, arm.args, arm.align_args, [*arm.finetune_args, *trial_args(values)],
+                        [backbone], list(seeds)),
+                {"tuned": {"trial": best, "values": values, "overlay": str(overlay)}}))
+    return [w for v, extra in plan for w in winners.get(v.name, [(v, extra)])]
+
+
 def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str], data_dir: str, config_dir: Path,
-             out: Path) -> None:
-    """Train and evaluate one (variant, backbone, seed) unless results.jsonl already records it."""
+             out: Path, extra: dict | None = None) -> None:
+    """Train and evaluate one (variant, backbone, seed) unless results.jsonl already records it; `extra` is
+    recorded with it (what the tuning needs to know about the run)."""
     common = ["--seed_everything", str(seed), "--data.data_dir", data_dir, *common_args]
     align_config = stage_configs(config_dir, "align", backbone) if variant.align else None
     finetune_config = stage_configs(config_dir, "finetune", backbone, aligned=variant.align)
@@ -149,13 +212,13 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     finish_wandb()
     metrics = {**val, **test}
     epochs = {"finetune": stage2.trainer.current_epoch}
-    extra = {}
+    extra = dict(extra or {})
     if stage1:
         metrics.update(stage1["metrics"])
         epochs["align"] = stage1["epochs"]
         # the stage-1 run's own cost, also when this variant reused it
         phases = {**stage1["phases"], **phases, "prepare": stage1["phases"]["prepare"] + phases["prepare"]}
-        extra = {"align_curve": stage1["curve"], "stage1_dir": stage1["dir"], "stage1_reused": stage1["reused"]}
+        extra.update(align_curve=stage1["curve"], stage1_dir=stage1["dir"], stage1_reused=stage1["reused"])
     append_record(results, {
         "variant": variant.name, "backbone": backbone, "seed": seed,
         "metrics": {k: float(v) for k, v in metrics.items()}, "phases": phases, "epochs": epochs, **extra,

@@ -66,7 +66,8 @@ def stage_configs(config_dir: str | Path, stage: str, backbone: str, aligned: bo
     """The config files of one stage, in the order LightningCLI merges them: the stage's base
     (`DIR/align.yaml` or `DIR/finetune.yaml`), the backbone's overlay (`DIR/align/BACKBONE.yaml`) and, for a
     stage 2 that starts from stage 1 (`aligned`), `DIR/finetune_aligned.yaml` when the directory has one: what
-    CTRL's stage 2 changes over the from-scratch baseline's settings."""
+    CTRL's stage 2 changes over the from-scratch baseline's settings; then `DIR/finetune_aligned/BACKBONE.yaml`
+    when there is one: CTRL's stage 2 for that backbone alone (what `ctrl bench --tune true` chose)."""
     d = Path(config_dir)
     files = [d / f"{stage}.yaml", d / stage / f"{backbone}.yaml"]
     for path in files:
@@ -74,8 +75,9 @@ def stage_configs(config_dir: str | Path, stage: str, backbone: str, aligned: bo
             known = sorted(p.stem for p in (d / stage).glob("*.yaml"))
             raise ConfigError(f"{path} does not exist: a config directory holds {stage}.yaml and one overlay per"
                               f" backbone in {stage}/ (in {d}: {', '.join(known) or 'none'})")
-    if stage == "finetune" and aligned and (d / ALIGNED_OVERLAY).is_file():
-        files.append(d / ALIGNED_OVERLAY)
+    if stage == "finetune" and aligned:
+        # the more specific last: the backbone's own aligned overlay overrides the one for all backbones
+        files += [p for p in (d / ALIGNED_OVERLAY, d / Path(ALIGNED_OVERLAY).stem / f"{backbone}.yaml") if p.is_file()]
     return [str(p) for p in files]
 
 
@@ -128,7 +130,8 @@ def run(*, backbone: str = "dcn", config_dir: str = "configs/ml100k", baseline: 
         backbone: the collaborative model: wide_deep, deepfm, dcn, autoint, dcnv2, xdeepfm, fibinet, pnn, din
             (an overlay in CONFIG_DIR/align/ and CONFIG_DIR/finetune/).
         config_dir: holds align.yaml and finetune.yaml (the stages' bases), align/, finetune/ (the overlays) and
-            optionally finetune_aligned.yaml (CTRL's stage 2 over the baseline's settings).
+            optionally finetune_aligned.yaml (CTRL's stage 2 over the baseline's settings) and
+            finetune_aligned/BACKBONE.yaml (the same for one backbone, e.g. as `ctrl bench --tune true` writes it).
         baseline: skip stage 1: the backbone trained from scratch.
         data_dir: overrides data.data_dir of both stages.
         out: directory for checkpoints, W&B files and the export.

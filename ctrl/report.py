@@ -113,6 +113,31 @@ def compare(records: list[dict], backbone: str, metric: str) -> dict[str, float]
     return {"seeds": len(shared), "base": b_mean, "base_std": b_std, "ctrl": c_mean, "ctrl_std": c_std, "p": p}
 
 
+def trial_scores(records: list[dict], arm: str, backbone: str, seeds: list[int] | None = None,
+                 trials: int | None = None) -> dict[int, dict]:
+    """trial index -> {"values", "val_auc" (mean best-checkpoint validation AUC over its seeds), "seeds"} of
+    one arm's tuning trials on one backbone (`ctrl bench --tune true`), on `seeds` and the first `trials` trials
+    when given (the current search, when the store also holds an earlier one's). Only validation is read."""
+    scores: dict[int, dict] = {}
+    for r in records:
+        trial = r.get("trial")
+        if (trial is None or trial["arm"] != arm or r["backbone"] != backbone or (seeds is not None and
+                r["seed"] not in seeds) or (trials is not None and trial["index"] >= trials)):
+            continue
+        entry = scores.setdefault(trial["index"], {"values": trial["values"], "by_seed": {}})
+        entry["by_seed"][r["seed"]] = r["metrics"]["val/auc"]  # a rerun's later line wins
+    for entry in scores.values():
+        by_seed = entry.pop("by_seed")
+        entry["seeds"], entry["val_auc"] = sorted(by_seed), mean_std(list(by_seed.values()))[0]
+    return dict(sorted(scores.items()))
+
+
+def tuning_winner(scores: dict[int, dict]) -> int | None:
+    """The trial with the best mean validation AUC (ties: the first); None without a defined one."""
+    defined = [i for i, entry in scores.items() if not np.isnan(entry["val_auc"])]
+    return max(defined, key=lambda i: scores[i]["val_auc"]) if defined else None
+
+
 # --- report -------------------------------------------------------------------------------------------------
 def pm(mean: float, std: float) -> str:
     return f"{mean:.4f}" if np.isnan(std) else f"{mean:.4f} ± {std:.4f}"
@@ -141,7 +166,8 @@ def variants_table(records: list[dict], backbones: list[str]) -> list[str]:
     lines = ["| backbone | variant | seeds | val AUC | val AUC - ctrl's (same seeds) | test AUC | overrides |",
              "|---|---|---|---|---|---|---|"]
     for backbone in backbones:
-        names = list(dict.fromkeys(r["variant"] for r in records if r["backbone"] == backbone))
+        # the tuning trials have a section of their own
+        names = list(dict.fromkeys(r["variant"] for r in records if r["backbone"] == backbone and "trial" not in r))
         ctrl_val = by_seed(records, CTRL, backbone, "val/auc")
         rows = []
         for name in names:
@@ -165,14 +191,57 @@ def phases_table(records: list[dict]) -> list[str]:
     """Mean seconds per phase and variant, over the runs that have the phase ("-": the variant has none)."""
     phases = list(dict.fromkeys(p for r in sorted(records, key=lambda r: -len(r["phases"])) for p in r["phases"]))
     lines = [f"| variant | runs | {' | '.join(phases)} | total |", "|---" * (len(phases) + 3) + "|"]
-    for name in dict.fromkeys(r["variant"] for r in records):
-        runs = [r for r in records if r["variant"] == name]
+    for name in dict.fromkeys(map(phase_group, records)):
+        runs = [r for r in records if phase_group(r) == name]
         cells, total = [], 0.0
         for phase in phases:
             seconds = [r["phases"][phase] for r in runs if phase in r["phases"]]
             total += float(np.mean(seconds)) if seconds else 0.0
             cells.append(f"{np.mean(seconds):.1f}" if seconds else "-")
         lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} | {total:.1f} |")
+    return lines
+
+
+def phase_group(record: dict) -> str:
+    """The row of a run in the phases table: its variant, or its arm's tuning trials taken together."""
+    return f"{record['trial']['arm']} tuning trials" if "trial" in record else record["variant"]
+
+
+def tuning_section(records: list[dict], backbones: list[str], results: Path) -> list[str]:
+    """The search of `ctrl bench --tune true` (grid, trials, seeds), every trial's validation AUC per arm and
+    backbone and each arm's choice (in bold); empty when the store holds no tuning trials."""
+    trials = [r for r in records if "trial" in r]
+    if not trials:
+        return []
+    grid = trials[-1]["grid"]
+    names = list(trials[-1]["trial"]["values"])
+    arms = list(dict.fromkeys(r["trial"]["arm"] for r in trials))
+    lines = ["## Tuning: each arm's stage 2 searched on validation, the same trials for both", "",
+             f"Grid: {', '.join(f'{n} {grid[n]}' for n in names)}; {grid['trials']} trial(s) drawn with seed"
+             f" {grid['seed']}, each trained with seeds {grid['seeds']}. Per arm and backbone the trial with the best"
+             " mean best-checkpoint validation AUC over those seeds is chosen (in bold) and trained over the"
+             " benchmark's seeds as the `base` / `ctrl` rows above; test metrics are not read. The chosen values,"
+             f" as config overlays: `{results.parent / 'tuned'}` (`finetune/BACKBONE.yaml`: the baseline,"
+             " `finetune_aligned/BACKBONE.yaml`: CTRL's stage 2).", ""]
+    for backbone in backbones:
+        scores = {arm: trial_scores(records, arm, backbone) for arm in arms}
+        if not any(scores.values()):
+            continue
+        winners = {arm: tuning_winner(scores[arm]) for arm in arms}
+        lines += [f"### {backbone}", "", f"| trial | {' | '.join(names)} | "
+                  + " | ".join(f"{arm} val AUC (seeds)" for arm in arms) + " |", "|---" * (len(names) + len(arms) + 1)
+                  + "|"]
+        for index in sorted({i for arm in arms for i in scores[arm]}):
+            values = next(scores[arm][index]["values"] for arm in arms if index in scores[arm])
+            cells = []
+            for arm in arms:
+                entry = scores[arm].get(index)
+                cell = "-" if entry is None else f"{entry['val_auc']:.4f} ({len(entry['seeds'])})"
+                cells.append(f"**{cell}**" if index == winners[arm] else cell)
+            lines.append(f"| {index} | {' | '.join(f'{values[n]:g}' for n in names)} | {' | '.join(cells)} |")
+        chosen = [f"{arm}: trial {w} ({', '.join(f'{n} {v:g}' for n, v in scores[arm][w]['values'].items())})"
+                  for arm, w in winners.items() if w is not None]
+        lines += ["", f"Chosen: {'; '.join(chosen)}.", ""]
     return lines
 
 
@@ -215,7 +284,7 @@ def write_report(records: list[dict], backbones: list[str], report: Path, plot: 
     ]
     for slice_, title in SLICES.items():
         text += [f"## Test AUC and logloss: {title}", "", *comparison_table(records, shown, slice_), ""]
-    text += [f"![test AUC, base vs CTRL]({plot_link})", "",
+    text += [f"![test AUC, base vs CTRL]({plot_link})", "", *tuning_section(records, shown, results),
              "## Variants (ablations), decided on validation AUC", "",
              "Best-checkpoint validation AUC per variant; the column after it is the mean per-seed difference to"
              " `ctrl` on the seeds both ran, and the variant with the largest one is in bold. Test AUC is shown"

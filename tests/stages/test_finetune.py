@@ -121,6 +121,15 @@ def test_ctrl_stage_2_merges_the_aligned_overlay_last_and_the_baseline_never(tmp
     own = shutil.copytree(shipped, tmp_path / "configs")  # a config directory without one: CTRL's stage 2 is
     (own / "finetune_aligned.yaml").unlink()                 # the baseline's
     assert stage_configs(own, "finetune", "dcn", True) == stage_configs(own, "finetune", "dcn", False)
+    # a backbone's own aligned overlay (as `ctrl bench --tune true` writes it) comes after the one for all
+    # backbones, for that backbone's CTRL stage 2 only
+    (own / "finetune_aligned").mkdir()
+    (own / "finetune_aligned" / "dcn.yaml").write_text("model: {init_args: {lr: 0.003}}\n")
+    assert stage_configs(own, "finetune", "dcn", True)[-1] == str(own / "finetune_aligned" / "dcn.yaml")
+    assert stage_configs(own, "finetune", "autoint", True) == stage_configs(own, "finetune", "autoint", False)
+    shutil.copy(shipped / "finetune_aligned.yaml", own)
+    assert [Path(f).relative_to(own).as_posix() for f in stage_configs(own, "finetune", "dcn", True)][2:] == [
+        "finetune_aligned.yaml", "finetune_aligned/dcn.yaml"]
 
 
 def test_a_ctrl_fit_checkpoint_reloads_without_arguments_and_exports(tmp_path, cache, capsys):
