@@ -109,3 +109,19 @@ def test_the_wheel_runs_the_main_job_outside_the_repository(tmp_path):
     assert (elsewhere / "out" / "finetune" / "export" / "model.json").is_file()
     assert "test AUC" in done.stdout and "wall time per phase" in done.stdout
     assert not (elsewhere / "configs").exists()
+
+
+def test_bench_report_outside_the_repository_is_written_under_the_current_folder(tmp_path, monkeypatch):
+    from ctrl.report import append_record
+
+    monkeypatch.chdir(tmp_path)
+    for seed in (0, 1):
+        for variant, auc in (("base", 0.70 + seed / 100), ("ctrl", 0.72 + seed / 200)):
+            append_record(tmp_path / "out" / "results.jsonl", {
+                "variant": variant, "backbone": "dcn", "seed": seed, "phases": {"stage 2": 1.0},
+                "metrics": {"val/auc": auc, "test/auc": auc, "test/logloss": 0.5}, "command": "ctrl bench",
+                "overrides": {"both": [], "align": [], "finetune": []}})
+    # the shipped benchmark config, whose report is benchmarks/RESULTS.md and whose notes (benchmarks/*.md) are absent
+    main(["bench", "--config", "configs/bench/ml100k.yaml", "--report_only", "true", "--out", "out"])
+    assert "| dcn |" in (tmp_path / "benchmarks" / "RESULTS.md").read_text()
+    assert (tmp_path / "benchmarks" / "results_auc.png").is_file()
