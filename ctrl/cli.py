@@ -11,7 +11,11 @@
     ctrl predict --config C.yaml --ckpt_path P    test-split probabilities -> predictions.parquet
     ctrl COMMAND --help                  every option of one command
 
-W&B runs offline unless WANDB_API_KEY is set (no prompt, no network).
+W&B runs offline unless WANDB_API_KEY is set (no prompt, no network). CTRL_VERBOSE=1 also shows the libraries'
+notices that say nothing about the run (ctrl/console.py).
+
+Config files and examples named `configs/...` are read from the copy shipped with the package when the current
+folder has none (ctrl/paths.py), so every command runs from any folder.
 
 Data errors print one clear line and exit with status 2; nothing is half-written.
 """
@@ -28,6 +32,8 @@ import pandas as pd
 from jsonargparse import CLI
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from ctrl.console import quiet_console
+from ctrl.paths import resolve_config_args, resolve_config_path
 from finetune.guards import CheckpointError, ConfigError, NonFiniteLossError
 from tabular2text.download import ensure_movielens_100k
 from tabular2text.prepare import SPLITS
@@ -51,6 +57,7 @@ def prepare(*, data_dir: str, download: bool = False, history_length: PositiveIn
         cache_dir: where prepared data lives (default $CTRL_CACHE_DIR or ~/.cache/ctrl-rec).
         show: how many rendered texts of the train split to print.
     """
+    data_dir = resolve_config_path(data_dir)
     if download:
         ensure_movielens_100k(Path(data_dir).expanduser())
     prepared = prepare_data(data_dir, cache_dir, history_length, template)
@@ -107,7 +114,7 @@ def score(*, model: str, rows: str, out: str = "scores.parquet", batch_size: Pos
     else:
         module = load_stage2(model, "score", "--model")
         scorer = Scorer(module.model, module.spec, batch_size)
-    scores = score_file(scorer, rows, out)
+    scores = score_file(scorer, resolve_config_path(rows), out)
     print(f"scored {len(scores)} rows -> {out}")
 
 
@@ -126,6 +133,7 @@ def command(name: str):
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
+    quiet_console()
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
     if argv in ([], ["-h"], ["--help"]):
@@ -134,11 +142,11 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(0 if argv else 2)
     try:
         if argv and argv[0] in COMMANDS:
-            CLI({argv[0]: command(argv[0])}, args=argv)
+            CLI({argv[0]: command(argv[0])}, args=resolve_config_args(argv))
         else:
             from ctrl.lightning import lightning_cli
 
-            lightning_cli(args)
+            lightning_cli(argv)
     except Exception as e:  # the one error boundary: a line, never a traceback (CTRL_DEBUG=1 shows it)
         problem = user_error(e)
         if problem is None and os.environ.get("CTRL_DEBUG"):

@@ -16,6 +16,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
+from ctrl.paths import resolve_config_args, resolve_config_path
 from finetune.guards import STAGE_NAMES, CheckpointError, ConfigError, checkpoint_stage, read_checkpoint
 from tabular2text.atomic import process_alive
 from tabular2text.datamodule import CTRDataModule
@@ -104,9 +105,13 @@ class CTRLCLI(LightningCLI):
                               apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        # Not super(): it warns whenever `args` is given while sys.argv holds arguments, and ctrl always gives them
+        # (`lightning_cli` passes sys.argv's own; `ctrl run` and `ctrl bench` build each stage's).
+        self.config = parser.parse_args(args)
         subcommand = self.config.get("subcommand")
-        config = self.config.get(subcommand) if subcommand else None
+        config = self.config.get(subcommand) if subcommand else self.config
+        if config.get("data") and config.data.get("data_dir"):  # the README's examples name configs/generic/...
+            config.data.data_dir = resolve_config_path(config.data.data_dir)
         ckpt_path = config.get("ckpt_path") if config else None
         if subcommand == "fit":
             root = Path(config.trainer.default_root_dir or ".")
@@ -152,9 +157,26 @@ class CTRLCLI(LightningCLI):
             print(f"checkpoints: {self.trainer.checkpoint_callbacks[0].dirpath}", file=sys.stderr)
         # Before the checkpoint callbacks, which Lightning keeps last.
         self.trainer.callbacks[:0] = [RandomState(), WandbRunId()]
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                quiet_wandb_init(logger)
+
+
+def quiet_wandb_init(logger: WandbLogger) -> None:
+    """What WandbLogger hands wandb.init, without two causes of a warning on every run: `anonymous` (always
+    passed, None unless asked for; wandb >= 0.19 warns that the setting has no effect whenever it is passed) and a
+    run folder that does not exist yet (wandb looks for the git repository from there before creating it, and warns
+    "git root ... does not exist" instead of recording the commit)."""
+    init = getattr(logger, "_wandb_init", None)  # WandbLogger keeps wandb.init's arguments there until it starts
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
+    if logger.save_dir:
+        Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
 
 
 def lightning_cli(args: list[str] | None, run: bool = True) -> CTRLCLI:
-    """The Lightning CLI of both stages (the model's class_path picks the stage)."""
+    """The Lightning CLI of both stages (the model's class_path picks the stage); `args` default to sys.argv's.
+    Config files under `configs/` are read from the copy shipped with the package when absent here."""
+    args = resolve_config_args(sys.argv[1:] if args is None else args)
     return CTRLCLI(datamodule_class=CTRDataModule, subclass_mode_model=True, args=args, run=run,
                    save_config_callback=LoggerSaveConfigCallback, save_config_kwargs={"overwrite": True})

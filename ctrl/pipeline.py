@@ -20,6 +20,7 @@ from jsonargparse.typing import PositiveInt
 from pytorch_lightning.cli import LightningCLI
 
 from ctrl.lightning import lightning_cli
+from ctrl.paths import resolve_config_path
 from finetune.export import load_scorer
 from finetune.guards import ConfigError
 from finetune.module import DefinedAUROC, ExportBest
@@ -67,8 +68,9 @@ def stage_configs(config_dir: str | Path, stage: str, backbone: str, aligned: bo
     (`DIR/align.yaml` or `DIR/finetune.yaml`), the backbone's overlay (`DIR/align/BACKBONE.yaml`) and, for a
     stage 2 that starts from stage 1 (`aligned`), `DIR/finetune_aligned.yaml` when the directory has one: what
     CTRL's stage 2 changes over the from-scratch baseline's settings; then `DIR/finetune_aligned/BACKBONE.yaml`
-    when there is one: CTRL's stage 2 for that backbone alone (what `ctrl bench --tune true` chose)."""
-    d = Path(config_dir)
+    when there is one: CTRL's stage 2 for that backbone alone (what `ctrl bench --tune true` chose). A
+    `configs/...` directory absent here is the copy shipped with the package."""
+    d = Path(resolve_config_path(str(config_dir)))
     files = [d / f"{stage}.yaml", d / stage / f"{backbone}.yaml"]
     for path in files:
         if not path.is_file():
