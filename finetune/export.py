@@ -14,6 +14,7 @@ Loading needs torch, pandas and this package only: no Lightning, no transformers
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from finetune.guards import ExportError
 from tabular2text.atomic import atomic_path, file_sha256, first_mismatch
@@ -44,13 +45,17 @@ def export_model(model: CTRModel, spec: FeatureSpec, backbone: dict | None, out_
     out = Path(out_dir)
     with atomic_path(out, directory=True) as tmp:  # an older export is replaced only by a complete one
         model = model.eval()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "weights.safetensors")
+        # Serialized in memory and written by Python: torch's zip writer aborts the process (a C++ terminate) on a
+        # full disk, while a Python write raises ENOSPC, which the CLI reports as one line naming `out_dir`.
+        (tmp / "weights.safetensors").write_bytes(save({k: v.contiguous() for k, v in model.state_dict().items()}))
         spec.save(tmp / "feature_spec.json")
         example = frame_to_tensors(encode_rows(pd.DataFrame(index=range(2)), spec), spec)
         batch = torch.export.Dim("batch")
         shapes = {"batch": {k: {0: batch} for k in example}}
         program = torch.export.export(model, (example,), dynamic_shapes=shapes, strict=False)
-        torch.export.save(program, tmp / "model.pt2")
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        (tmp / "model.pt2").write_bytes(buffer.getvalue())
         export_onnx(program, list(example), tmp / "model.onnx")
         meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "backbone": backbone,
                 "sha256": {f: file_sha256(tmp / f) for f in FILES}}
