@@ -36,6 +36,7 @@ from ctrl.console import quiet_console
 from ctrl.paths import resolve_config_args, resolve_config_path
 from finetune.guards import CheckpointError, ConfigError, NonFiniteLossError
 from tabular2text.download import ensure_movielens_100k
+from tabular2text.oserrors import PathError, forget_origins, origin, path_error
 from tabular2text.prepare import SPLITS
 from tabular2text.prepare import prepare as prepare_data
 from tabular2text.sources import DataError
@@ -71,15 +72,18 @@ def prepare(*, data_dir: str, download: bool = False, history_length: PositiveIn
         print(f"\n{user} {item}")
 
 
-USER_ERRORS = (DataError, ConfigError, FileNotFoundError, CheckpointError, NonFiniteLossError)
+USER_ERRORS = (DataError, ConfigError, FileNotFoundError, CheckpointError, NonFiniteLossError, PathError)
 
 
 def user_error(error: BaseException | None) -> BaseException | None:
     """The error a user can fix, if `error` is one or was caused by one (jsonargparse wraps errors raised while
     it instantiates a class in an error of its own)."""
-    while error is not None and not isinstance(error, USER_ERRORS):
+    while error is not None:
+        line = path_error(error)  # the operating system's user-side errors (no space, read-only, ...)
+        if line is not None or isinstance(error, USER_ERRORS):
+            return line or error
         error = error.__cause__
-    return error
+    return None
 
 
 def export(*, ckpt_path: str, out: str) -> None:
@@ -92,7 +96,7 @@ def export(*, ckpt_path: str, out: str) -> None:
     """
     from finetune.module import export_checkpoint
 
-    print(f"exported: {export_checkpoint(ckpt_path, out)}")
+    print(f"exported: {export_checkpoint(ckpt_path, origin(out, '--out'))}")
 
 
 def score(*, model: str, rows: str, out: str = "scores.parquet", batch_size: PositiveInt = 4096) -> None:
@@ -109,6 +113,7 @@ def score(*, model: str, rows: str, out: str = "scores.parquet", batch_size: Pos
     from finetune.module import load_stage2
     from finetune.score import score_file
 
+    origin(model, "--model"), origin(rows, "--rows"), origin(out, "--out")
     if Path(model).is_dir():
         scorer = load_scorer(model, batch_size)
     else:
@@ -140,6 +145,7 @@ def main(args: list[str] | None = None) -> None:
         usage = "usage: ctrl COMMAND ...\n\n" + __doc__.split("\n\n")[1].replace("    ctrl", "ctrl").rstrip()
         print(usage, file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
+    forget_origins()  # the paths of an earlier call in this process (tests, notebooks) name nothing now
     try:
         if argv and argv[0] in COMMANDS:
             CLI({argv[0]: command(argv[0])}, args=resolve_config_args(argv))

@@ -20,6 +20,7 @@ from ctrl.paths import resolve_config_args, resolve_config_path
 from finetune.guards import STAGE_NAMES, CheckpointError, ConfigError, checkpoint_stage, read_checkpoint
 from tabular2text.atomic import process_alive
 from tabular2text.datamodule import CTRDataModule
+from tabular2text.oserrors import origin
 from tabular2text.schema import FeatureSpec
 
 # Lightning calls a mid-epoch resume unreliable unless the DataLoader itself is stateful; here the data module
@@ -96,6 +97,26 @@ def lock_run_folder(folder: Path) -> None:
     atexit.register(lock.unlink, missing_ok=True)
 
 
+def logs_under_root(trainer, root: Path) -> None:
+    """Everything a run writes goes under its own folder: a logger's save_dir that is not set (or the logger's
+    default ".") becomes `trainer.default_root_dir`, so W&B files and config.yaml (written to the first logger's
+    save_dir) of two runs in one working directory never meet. Derived here, in one place; no config sets it."""
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is not None and init_args.get("save_dir") in (None, ".", "./"):
+            init_args.save_dir = str(root)
+
+
+def refuse_training_nothing(trainer) -> None:
+    """A fit of zero epochs or steps trains nothing, and its untrained model would be exported as if trained."""
+    for option in ("max_epochs", "max_steps"):
+        if trainer.get(option) == 0:
+            raise ConfigError(f"--trainer.{option} 0 trains nothing, and nothing untrained is checkpointed or"
+                              f" exported; pass --trainer.{option} 1 or more (to evaluate a checkpoint: ctrl test"
+                              " --ckpt_path)")
+
+
 class CTRLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The model gets vocabularies and field kinds from the prepared data, never from repeated YAML.
@@ -113,8 +134,12 @@ class CTRLCLI(LightningCLI):
         if config.get("data") and config.data.get("data_dir"):  # the README's examples name configs/generic/...
             config.data.data_dir = resolve_config_path(config.data.data_dir)
         ckpt_path = config.get("ckpt_path") if config else None
+        settings = config if subcommand else self.config  # run=False (ctrl run) parses without a subcommand
+        if settings is not None and "trainer" in settings:
+            root = origin(settings.trainer.default_root_dir or ".", "--trainer.default_root_dir")
+            logs_under_root(settings.trainer, root)
         if subcommand == "fit":
-            root = Path(config.trainer.default_root_dir or ".")
+            refuse_training_nothing(config.trainer)
             lock_run_folder(root)
             if not ckpt_path:
                 refuse_a_used_checkpoint_folder(root / "checkpoints")

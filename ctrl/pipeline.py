@@ -116,8 +116,7 @@ def fit_stage(configs: Sequence[str], out: Path, args: Sequence[str], phases: di
     last."""
     with timed(phases, "prepare"):
         files = [arg for config in configs for arg in ("--config", config)]
-        cli = lightning_cli([*files, "--trainer.default_root_dir", str(out),
-                             "--trainer.logger.init_args.save_dir", str(out), *args], run=False)
+        cli = lightning_cli([*files, "--trainer.default_root_dir", str(out), *args], run=False)
     with timed(phases, phase):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli

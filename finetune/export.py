@@ -13,6 +13,8 @@ Loading needs torch, pandas and this package only: no Lightning, no transformers
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -20,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from finetune.guards import ExportError
 from tabular2text.atomic import atomic_path, file_sha256, first_mismatch
 from tabular2text.encode import encode_column, frame_to_tensors
 from tabular2text.schema import FeatureSpec, vocab_key
@@ -29,7 +32,7 @@ from tabular2text.sources import DataError, out_of_range
 from towers.collaborative import BACKBONES, CTRModel, build_backbone
 
 EXPORT_FORMAT = "ctrl-rec/collaborative-model"
-EXPORT_VERSION = 2  # 1: the backbone by its towers.BACKBONES name
+EXPORT_VERSION = 3  # 1: the backbone by its towers.BACKBONES name; 3: model.json's settings carry a checksum
 FILES = ("weights.safetensors", "feature_spec.json", "model.pt2", "model.onnx")
 
 
@@ -42,16 +45,21 @@ def export_model(model: CTRModel, spec: FeatureSpec, backbone: dict | None, out_
     out = Path(out_dir)
     with atomic_path(out, directory=True) as tmp:  # an older export is replaced only by a complete one
         model = model.eval()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "weights.safetensors")
+        # Serialized in memory and written by Python: torch's zip writer aborts the process (a C++ terminate) on a
+        # full disk, while a Python write raises ENOSPC, which the CLI reports as one line naming `out_dir`.
+        (tmp / "weights.safetensors").write_bytes(save({k: v.contiguous() for k, v in model.state_dict().items()}))
         spec.save(tmp / "feature_spec.json")
         example = frame_to_tensors(encode_rows(pd.DataFrame(index=range(2)), spec), spec)
         batch = torch.export.Dim("batch")
         shapes = {"batch": {k: {0: batch} for k in example}}
         program = torch.export.export(model, (example,), dynamic_shapes=shapes, strict=False)
-        torch.export.save(program, tmp / "model.pt2")
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        (tmp / "model.pt2").write_bytes(buffer.getvalue())
         export_onnx(program, list(example), tmp / "model.onnx")
         meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "backbone": backbone,
                 "sha256": {f: file_sha256(tmp / f) for f in FILES}}
+        meta["settings_sha256"] = settings_sha256(meta)
         (tmp / "model.json").write_text(json.dumps(meta, indent=1))
     return out
 
@@ -68,41 +76,63 @@ def export_onnx(program: torch.export.ExportedProgram, inputs: list[str], path: 
         quiet.setLevel(level)
 
 
+def settings_sha256(meta: dict) -> str:
+    """sha256 of model.json's own content (all but this checksum): the files' checksums cannot cover the file
+    that holds them, and an edited hyper-parameter would otherwise build a model its weights do not fit."""
+    settings = {k: v for k, v in meta.items() if k != "settings_sha256"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
 def load_model(export_dir: str | Path) -> tuple[CTRModel, FeatureSpec]:
-    """Rebuild the CTR model from an export directory, checking every file first."""
+    """Rebuild the CTR model from an export directory, checking every file first. Every problem of the export
+    is one ExportError (or FileNotFoundError) whose message names the file and says to export again.
+    Exports of version 2 and older (before model.json had a checksum) load with the checks they carry."""
     d = Path(export_dir)
     meta_path = d / "model.json"
+    again = "export the model again (ctrl export --ckpt_path BEST.ckpt --out DIR)"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{d} is not a ctrl-rec export: {meta_path.name} is missing")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path}: unreadable ({e}); export the model again") from e
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{meta_path}: not a ctrl-rec collaborative-model export")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{meta_path}: unreadable ({e}); {again}") from e
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{meta_path}: not a ctrl-rec collaborative-model export")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > EXPORT_VERSION:
+        raise ExportError(f"{meta_path}: export version {version!r} is not one this ctrl-rec reads (1 to"
+                          f" {EXPORT_VERSION}); {again} or update ctrl-rec")
+    if version >= 3 and meta.get("settings_sha256") != settings_sha256(meta):
+        raise ExportError(f"{meta_path}: its content does not match its checksum (modified or damaged); {again}")
     checksums = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
     unchecked = [f for f in ("weights.safetensors", "feature_spec.json") if f not in checksums]
     if unchecked:  # an edited model.json must not turn verification off
-        raise ValueError(f"{meta_path}: no checksum for {', '.join(unchecked)}; the export was modified, export the"
-                         " model again")
+        raise ExportError(f"{meta_path}: no checksum for {', '.join(unchecked)}; the export was modified, {again}")
     bad = first_mismatch(d, checksums)
     if bad and not (d / bad).is_file():
-        raise FileNotFoundError(f"{d / bad} is missing: the export is incomplete; export the model again")
+        raise FileNotFoundError(f"{d / bad} is missing: the export is incomplete; {again}")
     if bad:
-        raise ValueError(f"{d / bad} does not match its checksum in model.json (truncated or modified);"
-                         " export the model again")
-    backbone = meta["backbone"]
+        raise ExportError(f"{d / bad} does not match its checksum in model.json (truncated or modified); {again}")
+    backbone = meta.get("backbone")
     if isinstance(backbone, str):  # version 1
         if backbone not in BACKBONES:
-            raise ValueError(f"{meta_path}: unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
+            raise ExportError(f"{meta_path}: unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
         cls = BACKBONES[backbone]
-        backbone = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": meta["init_args"]}
+        backbone = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": meta.get("init_args")}
+    if not (isinstance(backbone, dict) and isinstance(backbone.get("class_path"), str)
+            and isinstance(backbone.get("init_args", {}), dict)):
+        raise ExportError(f"{meta_path}: `backbone` must be a mapping with class_path and init_args, found"
+                          f" {backbone!r}; {again}")
     spec = FeatureSpec.load(d / "feature_spec.json")
     try:
         model = CTRModel(build_backbone(backbone, spec))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{meta_path}: {e}") from e
-    model.load_state_dict(load_file(d / "weights.safetensors"))
+    except (ValueError, TypeError, AttributeError, ImportError) as e:
+        raise ExportError(f"{meta_path}: {e}; {again}") from e
+    try:
+        model.load_state_dict(load_file(d / "weights.safetensors"))
+    except (RuntimeError, OSError) as e:  # shapes of other settings, or an unreadable file
+        raise ExportError(f"{d / 'weights.safetensors'} does not fit the model model.json describes"
+                          f" ({str(e).splitlines()[0][:200]}); {again}") from e
     return model.eval(), spec
 
 

@@ -17,6 +17,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot serve the requested purpose; the message says why and what to pass."""
 
 
+class ExportError(CheckpointError):
+    """An export folder that cannot be loaded (damaged, modified or incomplete); the message says which file."""
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it and what to pass instead."""
 

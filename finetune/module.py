@@ -27,6 +27,7 @@ from torchmetrics.utilities import dim_zero_cat
 from finetune.export import export_model
 from finetune.guards import (
     CheckpointError,
+    ConfigError,
     check_resumed_checkpoint,
     checkpoint_stage,
     read_checkpoint,
@@ -34,6 +35,7 @@ from finetune.guards import (
     spec_mismatch,
     stamp_checkpoint,
 )
+from tabular2text.oserrors import origin
 from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, CTRModel, backbone_config, make_tower
 
@@ -254,8 +256,13 @@ class ExportBest(pl.Callback):
         if not trainer.is_global_zero:
             return
         start = time.perf_counter()
-        out = Path(self.dirpath or Path(trainer.default_root_dir) / "export")
+        root = Path(trainer.default_root_dir)
+        out = origin(self.dirpath, "ExportBest's dirpath") if self.dirpath else root / "export"
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best and trainer.checkpoint_callback:  # nothing was chosen: the model may be untrained
+            raise ConfigError("the fit chose no checkpoint (no validation epoch ended: e.g. --trainer.max_epochs 0,"
+                              " --trainer.limit_val_batches 0), so there is no trained model to export; fit at"
+                              " least one epoch with validation")
         module = load_stage2(best) if best else pl_module
         self.export_dir = export_model(module.model, module.spec, module.hparams.backbone, out)
         log_export_artifact(trainer, self.export_dir)

