@@ -111,13 +111,15 @@ RECBOLE_SCHEMA = Mapping({**COMMON, "exclude": ListOf(STRING), "fields": ListOf(
 
 
 def shown(value: object) -> str:
-    """A YAML value as a user wrote it."""
-    return {True: "true", False: "false", None: "null"}.get(value, repr(value)) if not isinstance(
-        value, dict | list) else repr(value)
+    """A YAML value as a user wrote it (true, null; 0 is not false)."""
+    if value is None or isinstance(value, bool):
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value)
 
 
 def fits(value: object, shape: object, where: str) -> None:
-    """Raise SchemaError naming `where` (the key's path) when `value` does not fit `shape`."""
+    """Raise SchemaError naming `where` (the key's path, "" for the whole schema) when `value` does not fit
+    `shape`."""
     if isinstance(shape, Scalar):
         if value is None and shape.optional:
             return
@@ -158,13 +160,14 @@ def fits(value: object, shape: object, where: str) -> None:
             if key not in shape.keys:
                 close = difflib.get_close_matches(str(key), list(shape.keys), n=1)
                 hint = f"did you mean `{close[0]}`? " if close else ""
-                raise SchemaError(f"{where}: unknown key `{key}`; {hint}known keys: {', '.join(shape.keys)}")
+                at = f" in {where}" if where else ""
+                raise SchemaError(f"unknown key `{key}`{at}; {hint}known keys: {', '.join(shape.keys)}")
         for key in shape.required:
             if key not in value:
-                raise SchemaError(f"{where} needs the key `{key}` ({', '.join(f'`{k}`' for k in shape.required)}"
-                                  " required)")
+                raise SchemaError(f"{where or 'a schema'} needs the key `{key}` (required:"
+                                  f" {', '.join(f'`{k}`' for k in shape.required)})")
         for key, item in value.items():
-            fits(item, shape.keys[key], f"{where}.{key}" if where != "the schema" else str(key))
+            fits(item, shape.keys[key], f"{where}.{key}" if where else str(key))
     elif isinstance(shape, Either):
         if isinstance(value, dict):  # a mapping's own error says more than "neither"
             mapping = next((s for s in shape.shapes if isinstance(s, Mapping)), None)
@@ -183,7 +186,7 @@ def fits(value: object, shape: object, where: str) -> None:
 def check_schema(schema: dict, shape: Mapping, path: Path) -> None:
     """`schema` fits `shape` and its keys agree with each other; else SchemaError naming `path` and the key."""
     try:
-        fits(schema, shape, "the schema")
+        fits(schema, shape, "")
     except SchemaError as e:
         raise SchemaError(f"{path}: {e}") from None
     label = schema.get("label")
@@ -194,7 +197,7 @@ def check_schema(schema: dict, shape: Mapping, path: Path) -> None:
                               " dropped), or neither for a column that holds 0 or 1")
         if above is not None and above < below:
             raise SchemaError(f"{path}: label: positive_above {shown(above)} is below negative_below {shown(below)},"
-                              " which would label the values between them 0 twice over; swap them")
+                              " so the values between them would be both positive and negative; swap them")
     if "label" in schema and "negatives" in schema:
         raise SchemaError(f"{path}: `label` and `negatives` exclude each other: negatives are sampled only for a log"
                           " of positives that has no label; drop one")
