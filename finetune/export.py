@@ -28,7 +28,7 @@ from finetune.guards import ExportError
 from tabular2text.atomic import atomic_path, file_sha256, first_mismatch
 from tabular2text.encode import encode_column, frame_to_tensors
 from tabular2text.schema import FeatureSpec, vocab_key
-from tabular2text.sources import DataError, out_of_range
+from tabular2text.sources import DataError, out_of_range, plain
 from towers.collaborative import BACKBONES, CTRModel, build_backbone
 
 EXPORT_FORMAT = "ctrl-rec/collaborative-model"
@@ -165,8 +165,8 @@ def encode_rows(rows: pd.DataFrame, spec: FeatureSpec, where: str = "rows") -> p
             listed = values.map(lambda v: isinstance(v, list | tuple | np.ndarray))
             if listed.any():
                 i = first_bad(listed)
-                raise DataError(f"{where}: row {i + 1}, column {f.name!r}: a list ({values.iloc[i]!r}) where the"
-                                " model takes one value; pass a single value")
+                raise DataError(f"{where}: row {i + 1}, column {f.name!r}: a list ({plain(values.iloc[i])!r})"
+                                " where the model takes one value; pass a single value")
             values = values.astype(object).map(vocab_key)
         else:
             present = values.astype(object).map(vocab_key).notna()  # missing: None, NaN, NA, "", "nan"
@@ -174,14 +174,14 @@ def encode_rows(rows: pd.DataFrame, spec: FeatureSpec, where: str = "rows") -> p
             bad = numbers.isna() & present
             if bad.any():
                 i = first_bad(bad)
-                raise DataError(f"{where}: row {i + 1}, column {f.name!r}: {values.iloc[i]!r} is not a number; fix it"
-                                " or leave it empty (an empty value is scored as missing: the train mean)")
+                raise DataError(f"{where}: row {i + 1}, column {f.name!r}: {plain(values.iloc[i])!r} is not a"
+                                " number; fix it or leave it empty (an empty value is scored as missing: the train"
+                                " mean)")
             bad = out_of_range(numbers)
             if bad.any():
                 i = first_bad(bad)
-                shown = values.iloc[i].item() if isinstance(values.iloc[i], np.generic) else values.iloc[i]
-                raise DataError(f"{where}: row {i + 1}, column {f.name!r}: {shown!r} is out of range (finite,"
-                                " at most 2^53 in size, as in training); fix it or leave it empty")
+                raise DataError(f"{where}: row {i + 1}, column {f.name!r}: {plain(values.iloc[i])!r} is out of"
+                                " range (finite, at most 2^53 in size, as in training); fix it or leave it empty")
             values = numbers
         encoded[f.name] = encode_column(values, f, spec)
     return pd.DataFrame(encoded, index=rows.index)

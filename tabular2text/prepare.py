@@ -36,7 +36,7 @@ from tabular2text.encode import (
 )
 from tabular2text.oserrors import origin
 from tabular2text.schema import OOV, FeatureSpec
-from tabular2text.sources import DataError, Table, read_table
+from tabular2text.sources import DataError, NegativeRule, Table, plain, read_table
 from tabular2text.templates import MAX_VALUE_CHARS, TextRenderer, format_value, is_missing, preset
 
 FORMAT_VERSION = 6  # bump when the prepared layout or its semantics change (6: checksums in meta.json)
@@ -89,15 +89,72 @@ def build_history(frame: pd.DataFrame, user: str, item: str, timestamp: str | No
 
 def make_labels(frame: pd.DataFrame, table: Table) -> pd.Series:
     rule = table.label
+    if rule is None:  # a log of positives only: its negatives are sampled (`with_negatives`)
+        return pd.Series(1.0, index=frame.index)
     labels = rule.labels(frame[rule.column])
     if rule.positive_above is None and rule.negative_below is None:
         bad = labels.isna()
         if bad.any():
             i = int(bad.to_numpy().argmax())
-            raise DataError(f"{table.sources[-1]}: label column {rule.column!r} must hold 0 or 1, found"
-                            f" {frame[rule.column].iloc[i]!r} (data row {int(frame['_line'].iloc[i]) + 1}); give"
-                            " thresholds (positive_above / negative_below) for a rating column")
+            source = table.origin.get(rule.column, table.name)
+            raise DataError(f"{source}: label column {rule.column!r} must hold 0 or 1, found"
+                            f" {plain(frame[rule.column].iloc[i])!r} (data row {int(frame['_line'].iloc[i]) + 1});"
+                            " give thresholds (positive_above / negative_below) for a rating column")
     return labels
+
+
+# Redraws of a negative that hit one of the user's own items (or an earlier negative of the same row); a row
+# still without one after them has (almost) no item to draw, e.g. the first day of the log.
+SAMPLING_ROUNDS = 30
+
+
+def sample_negatives(frame: pd.DataFrame, rule: NegativeRule, user: str, item: str, timestamp: str | None
+                     ) -> np.ndarray:
+    """Per row of `frame` (positives, sorted by time), `rule.per_positive` sampled items as row positions of
+    `frame` holding that item (its first row), -1 where none could be drawn. A negative is an item interacted
+    with strictly before the row's time that the user never interacts with in the whole log (so neither a
+    past nor a later positive), distinct from the row's other negatives."""
+    times = frame[timestamp].to_numpy() if timestamp else np.arange(len(frame))
+    items, _ = pd.factorize(frame[item])  # codes in order of first appearance, as `frame` is in time order
+    users, _ = pd.factorize(frame[user], use_na_sentinel=False)
+    valid = items >= 0
+    n_items = int(items.max(initial=-1)) + 1
+    first_row = np.flatnonzero(valid)[np.unique(items[valid], return_index=True)[1]]  # code -> its first row
+    own = np.unique(users[valid].astype(np.int64) * n_items + items[valid])
+    earlier = np.searchsorted(times, times, side="left")  # rows strictly before each row's time
+    low = np.maximum(earlier - rule.window, 0)
+    existed = np.searchsorted(times[first_row], times, side="left")  # items first seen before each row's time
+    span = earlier - low if rule.by == "popularity" else existed
+    rng = np.random.default_rng(rule.seed)
+    drawn = np.full((len(frame), rule.per_positive), -1, dtype=np.int64)
+    for k in range(rule.per_positive):
+        todo = np.flatnonzero(span > 0)
+        for _ in range(SAMPLING_ROUNDS):
+            if not len(todo):
+                break
+            pick = np.floor(rng.random(len(todo)) * span[todo]).astype(np.int64)
+            codes = items[low[todo] + pick] if rule.by == "popularity" else pick
+            bad = (codes < 0) | np.isin(users[todo].astype(np.int64) * n_items + codes, own)
+            bad |= (drawn[todo, :k] == codes[:, None]).any(axis=1)
+            drawn[todo[~bad], k] = codes[~bad]
+            todo = todo[bad]
+    return np.where(drawn >= 0, first_row[np.maximum(drawn, 0)], -1)
+
+
+def with_negatives(part: pd.DataFrame, drawn: np.ndarray, frame: pd.DataFrame, item_columns: list[str]
+                   ) -> pd.DataFrame:
+    """`part`'s positives, each followed by its negatives: copies of the positive (user, context, time and
+    history as of then) whose item-side columns are those of the drawn item's row of `frame`, labelled 0."""
+    k = drawn.shape[1]
+    rows = part.iloc[np.repeat(np.arange(len(part)), k + 1)].reset_index(drop=True)
+    negative = np.tile(np.arange(k + 1) > 0, len(part))
+    source = drawn.reshape(-1)
+    for column in item_columns:
+        values = rows[column].to_numpy(dtype=object if rows[column].dtype == object else None, copy=True)
+        values[negative] = frame[column].to_numpy()[source]
+        rows[column] = pd.Series(values, dtype=rows[column].dtype)
+    rows.loc[negative, "label"] = 0.0
+    return rows
 
 
 def fit_vocabulary(columns: list[pd.Series]) -> list[str]:
@@ -254,13 +311,26 @@ def split_frame(frame: pd.DataFrame, name: str, val_fold: int = 0) -> dict[str, 
 
 
 def labelled_splits(table: Table, val_fold: int = 0) -> dict[str, pd.DataFrame]:
-    """Raw rows with history and label, sorted by time and split 8:1:1 (the rows a scorer would see)."""
+    """Raw rows with history and label, sorted by time and split 8:1:1 (the rows a scorer would see). A log
+    of positives only is split by its positives, each followed by its sampled negatives in its split."""
     frame = sort_by_time(table.frame, table.timestamp)
     if table.history is not None:
         h = table.history
         frame["history"] = build_history(frame, h.user, h.item, table.timestamp, h.length)
     frame["label"] = make_labels(frame, table)
-    return split_frame(frame[frame["label"].notna()].reset_index(drop=True), table.name, val_fold)
+    if table.negatives is None:
+        return split_frame(frame[frame["label"].notna()].reset_index(drop=True), table.name, val_fold)
+    drawn = sample_negatives(frame, table.negatives, table.user_field, table.item_field, table.timestamp)
+    kept = (drawn >= 0).all(axis=1)
+    if not kept.all():
+        print(f"note: {int((~kept).sum())} of {len(frame)} rows of {table.name} have no item the user never"
+              " interacted with among the items seen before their time (the first ones in time); they are"
+              " dropped (they still count in later histories)", file=sys.stderr)
+    item_columns = [f.name for f in table.fields if f.side == "item" and f.name in frame]
+    parts = split_frame(frame[kept].reset_index(drop=True), table.name, val_fold)
+    drawn = drawn[kept]  # `split_frame` keeps the positions of the kept rows as each part's index
+    return {split: with_negatives(part, drawn[part.index.to_numpy()], frame, item_columns)
+            for split, part in parts.items()}
 
 
 def read_split(path: Path) -> pd.DataFrame:
@@ -296,9 +366,13 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
     except ValueError as e:
         raise DataError(f"template: {e}") from None
     table = read_table(Path(data).expanduser(), history_length)
+    if table.note:
+        print(table.note)
     options = {"history_length": history_length, "template": template, "split": SPLIT_FRACTIONS}
     if val_fold:  # absent for fold 0, so caches prepared before folds existed stay valid
         options["val_fold"] = val_fold
+    if table.negatives:  # the defaults of a folder without a schema live in code, not in any input file
+        options["negatives"] = asdict(table.negatives)
     key = fingerprint(table, options)
     out = cache_origin(cache_dir, cache_option) / "prepared" / f"{table.name}-{key[:16]}"
     if (out / "meta.json").is_file():
@@ -332,6 +406,7 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
         checksums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
         meta = {"fingerprint": key, "dataset": table.name, "options": options, "sha256": checksums,
                 "sources": [str(p) for p in table.sources], "splits": sizes, "timestamp": table.timestamp,
-                "label": asdict(table.label)}
+                "label": asdict(table.label) if table.label else None,
+                "negatives": asdict(table.negatives) if table.negatives else None}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return out

