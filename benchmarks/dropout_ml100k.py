@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from jsonargparse import auto_cli
 
-from ctrl.report import read_records
+from ctrl.app.report import read_records
 from tabular2text.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from jsonargparse import auto_cli
 
-from ctrl.report import cpu_model
+from ctrl.app.report import cpu_model
 from tabular2text.datamodule import CTRDataModule
 from towers.encoder import FrozenEncoder
 from towers.language import LanguageTower

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from jsonargparse import auto_cli
 
-from ctrl.report import mean_std, read_records
+from ctrl.app.report import mean_std, read_records
 from tabular2text.atomic import atomic_write_text
 
 STAGE1 = ("align/val/retrieval_top1", "align/val/probe_auc")

@@ -25,7 +25,8 @@ from torchmetrics.classification import BinaryAUROC
 from torchmetrics.utilities import dim_zero_cat
 
 from finetune.export import export_model
-from finetune.guards import (
+from tabular2text.schema import OOV, FeatureSpec
+from towers.checkpoints import (
     CheckpointError,
     check_resumed_checkpoint,
     checkpoint_stage,
@@ -34,7 +35,6 @@ from finetune.guards import (
     spec_mismatch,
     stamp_checkpoint,
 )
-from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, CTRModel, backbone_config, make_tower
 
 Batch = dict[str, torch.Tensor]

@@ -249,7 +249,7 @@ class CTRDataModule(pl.LightningDataModule):
 
     # --- resuming: every checkpoint records where training stands in the data -------------------------------
     def state_dict(self) -> dict:
-        """Saved by Lightning in every checkpoint. With it (and ctrl.lightning.RandomState for the random
+        """Saved by Lightning in every checkpoint. With it (and ctrl.app.lightning_cli.RandomState for the random
         states), a fit resumed from a mid-epoch checkpoint (`--ckpt_path last`) trains the remaining batches
         of that epoch, as the uninterrupted run does."""
         if self.trainer is None or self.trainer.state.fn != "fit":

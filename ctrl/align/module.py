@@ -11,7 +11,7 @@ batch's text side in `batch["text"]`: cached vectors for a frozen tower, token i
 cached hidden states for trainable top blocks over frozen lower ones (`cache_lower_layers`).
 Run through Lightning, e.g.
 `pl.Trainer(max_epochs=5).fit(AlignmentModule(dm.feature_spec.to_dict(), towers.AutoInt), datamodule=dm)`,
-or `ctrl fit --model ctrl.module.AlignmentModule --model.backbone towers.AutoInt --data.data_dir DIR`.
+or `ctrl fit --model ctrl.align.module.AlignmentModule --model.backbone towers.AutoInt --data.data_dir DIR`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat,
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from ctrl.heads import AlignmentHeads
-from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
-from finetune.guards import check_resumed_checkpoint, require_finite, stamp_checkpoint
+from ctrl.align.heads import AlignmentHeads
+from ctrl.align.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
 from tabular2text.schema import OOV, FeatureSpec
+from towers.checkpoints import check_resumed_checkpoint, require_finite, stamp_checkpoint
 from towers.collaborative import CollaborativeTower, backbone_config, make_tower
 from towers.encoder import FrozenEncoder, Precision
 from towers.language import LanguageTower, Pooling, TopBlocks, model_config

@@ -6,7 +6,7 @@ written by ctrl/report.py).
     ctrl bench --config configs/bench/ml100k.yaml --data_dir ../shared/data/ml-100k --variants coarse_only,fine_only
     ctrl bench --config configs/bench/ml100k.yaml --report_only true
 
-Each run is `ctrl.pipeline.train` with the shipped stage configs plus the variant's overrides and
+Each run is `ctrl.app.pipeline.train` with the shipped stage configs plus the variant's overrides and
 `--seed_everything SEED`. Every finished run appends one JSON line to `<out>/results.jsonl`; a rerun skips
 the runs recorded there, so an interrupted benchmark continues where it stopped. The report reads only
 that file. Choices are made on validation AUC; test metrics are reported, never used to pick.
@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from ctrl.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, stage_configs, timed, train
-from ctrl.probe import TransferProbe
-from ctrl.report import BASE, CTRL, append_record, command_line, machine, read_records, write_report
-from finetune.guards import ConfigError
+from ctrl.align.probe import TransferProbe
+from ctrl.app.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, stage_configs, timed, train
+from ctrl.app.report import BASE, CTRL, append_record, command_line, machine, read_records, write_report
 from tabular2text.atomic import atomic_write_text
+from towers.checkpoints import ConfigError
 
 RESULTS_FILE = "results.jsonl"
 

@@ -16,10 +16,10 @@ from pytorch_lightning import Callback
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
-from finetune.guards import STAGE_NAMES, CheckpointError, ConfigError, checkpoint_stage, read_checkpoint
 from tabular2text.atomic import process_alive
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.schema import FeatureSpec
+from towers.checkpoints import STAGE_NAMES, CheckpointError, ConfigError, checkpoint_stage, read_checkpoint
 
 # Lightning calls a mid-epoch resume unreliable unless the DataLoader itself is stateful; here the data module
 # restores its position within the epoch (CTRDataModule.state_dict) and RandomState the random states.

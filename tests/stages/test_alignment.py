@@ -13,8 +13,8 @@ import torch
 from helpers import synthetic_batch, synthetic_spec
 from torch.utils.data import DataLoader
 
-from ctrl.module import AlignmentModule
-from ctrl.probe import TransferProbe, ValidateEvery
+from ctrl.align.module import AlignmentModule
+from ctrl.align.probe import TransferProbe, ValidateEvery
 from finetune.module import load_aligned_tower
 from tabular2text.datamodule import CTRDataModule, TensorDictDataset
 from towers import BACKBONES, DeepFM
@@ -127,7 +127,7 @@ def test_entity_text_pools_user_item_and_history_item_vectors(bert_dir, tmp_path
 
 def test_frozen_tower_encodes_on_the_trainers_device_and_a_trainable_one_follows_the_module(bert_dir, tmp_path,
                                                                                                monkeypatch):
-    import ctrl.module
+    import ctrl.align.module
 
     devices = []
 
@@ -136,7 +136,7 @@ def test_frozen_tower_encodes_on_the_trainers_device_and_a_trainable_one_follows
             super().__init__(tower, device, precision, **options)
             devices.append((self.device, next(self.tower.parameters()).device))
 
-    monkeypatch.setattr(ctrl.module, "FrozenEncoder", Recording)
+    monkeypatch.setattr(ctrl.align.module, "FrozenEncoder", Recording)
     run = trainer(fast_dev_run=1)
     run.fit(make_module(bert_dir), datamodule=TextData(tmp_path / "cache"))
     assert devices == [(run.strategy.root_device, run.strategy.root_device)]  # one load for train and val
@@ -335,7 +335,7 @@ def test_stage1_base_and_overlay_fast_dev_run_per_backbone(bert_dir, tmp_path, s
     """align.yaml + align/BACKBONE.yaml: the backbone's class, the shipped stage-1 recipe, two real steps."""
     from helpers import CONFIGS
 
-    from ctrl.lightning import lightning_cli
+    from ctrl.app.lightning_cli import lightning_cli
 
     cli = lightning_cli([
         "--config", str(CONFIGS / "align.yaml"), "--config", str(CONFIGS / "align" / f"{backbone}.yaml"),

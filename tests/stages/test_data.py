@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import ML100K, write_generic, write_ml1m
 
-from ctrl.cli import main
+from ctrl.app.cli import main
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.download import ensure_movielens_100k
 from tabular2text.prepare import prepare
