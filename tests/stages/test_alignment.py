@@ -14,7 +14,8 @@ from helpers import synthetic_batch, synthetic_spec
 from torch.utils.data import DataLoader
 
 from ctrl.align.module import AlignmentModule
-from ctrl.align.probe import TransferProbe, ValidateEvery
+from ctrl.align.probe import TransferProbe
+from ctrl.align.validate_every import ValidateEvery
 from finetune.module import load_aligned_tower
 from tabular2text.datamodule import CTRDataModule, TensorDictDataset
 from towers import BACKBONES, DeepFM
