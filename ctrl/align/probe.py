@@ -4,7 +4,9 @@ Stage 1's own loss and retrieval top-1 say how well rows match their texts, not 
 a retrieval task solved by matching row identity keeps improving while transfer stops. After every stage-1
 validation this callback fits a logistic regression on the tower's output features of train rows and logs
 its AUC on the validation rows as `val/probe_auc` (a linear probe, as in representation learning). It
-draws from no global random generator, so a run with the probe trains exactly as one without it.
+draws from no global random generator, so a run with the probe trains exactly as one without it. It reads
+its rows from the trainer's own train and validation loaders (each a `TensorDictDataset` of one split), not
+from a data module by split name.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ class TransferProbe(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        data = trainer.datamodule
-        train, val = data.tensors("train"), data.tensors("val")
+        # The rows the trainer fits and validates on, whole and in split order (a loader's sampler only orders
+        # or shards them): every DDP rank probes the same rows, at any step of an epoch.
+        train, val = trainer.train_dataloader.dataset.tensors, trainer.val_dataloaders.dataset.tensors
         n = len(train["label"])
         rows = torch.linspace(0, n - 1, min(n, self.train_rows)).round().long().unique()
         auc = self.probe_auc(self.features(module, train, rows), train["label"][rows].float(),
