@@ -16,6 +16,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
+from ctrl.app.renamed import refuse_renamed_checkpoint, refuse_renamed_in_args
 from tabular2text.atomic import process_alive
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.schema import FeatureSpec
@@ -130,6 +131,7 @@ class CTRLCLI(LightningCLI):
         # LightningCLI rebuilds the module a --ckpt_path names, whatever the config says: `ctrl test` with a
         # finetune config and an alignment checkpoint would quietly run stage-1 validation. Refuse instead.
         saved = ckpt.get("hyper_parameters", {}).get("_class_path")
+        refuse_renamed_checkpoint(saved, ckpt_path)
         wanted = config.get("model", {}).get("class_path")
         if saved and wanted and saved != wanted:
             stage = STAGE_NAMES.get(checkpoint_stage(ckpt), "other")
@@ -156,5 +158,6 @@ class CTRLCLI(LightningCLI):
 
 def lightning_cli(args: list[str] | None, run: bool = True) -> CTRLCLI:
     """The Lightning CLI of both stages (the model's class_path picks the stage)."""
+    refuse_renamed_in_args(sys.argv[1:] if args is None else list(args))
     return CTRLCLI(datamodule_class=CTRDataModule, subclass_mode_model=True, args=args, run=run,
                    save_config_callback=LoggerSaveConfigCallback, save_config_kwargs={"overwrite": True})
