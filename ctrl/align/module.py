@@ -2,7 +2,7 @@
 
 Each row is seen twice, as features (collaborative tower) and as its (user sentence, item sentence) text
 (language tower). Both are projected into one shared space (coarse: cosine InfoNCE) and mapped into M
-sub-spaces (fine: max-sim InfoNCE); the losses are in `ctrl/losses.py`. Only the collaborative tower goes
+sub-spaces (fine: max-sim InfoNCE); the losses are in `ctrl/align/losses.py`. Only the collaborative tower goes
 on to stage 2: it sits under the `tower.` prefix of the checkpoint's state dict.
 
 The model holds the two towers, the `AlignmentHeads` and the losses; the data serves the text. What the text

@@ -1,6 +1,6 @@
 """The benchmark: per backbone and seed, the backbone from scratch ("base": stage 2 only) vs CTRL ("ctrl":
 stage 1 then stage 2), plus named ablations of CTRL; then a report (RESULTS.md and a PNG of test AUC,
-written by ctrl/report.py).
+written by ctrl/app/report.py).
 
     ctrl bench --config configs/bench/ml100k.yaml --data_dir ../shared/data/ml-100k
     ctrl bench --config configs/bench/ml100k.yaml --data_dir ../shared/data/ml-100k --variants coarse_only,fine_only
