@@ -207,6 +207,12 @@ def test_transfer_probe_logs_a_linear_probe_auc_per_epoch_and_changes_no_trainin
     history = callbacks[0].history
     assert [h["epoch"] for h in history] == [0, 1]
     assert all(0.0 <= h["val/probe_auc"] <= 1.0 and "val/retrieval_top1" in h for h in history)
+    # the rows of the trainer's loaders are the splits' rows, in order: the last probe, redone by hand, to the bit
+    probe, train, val = callbacks[0], data.tensors("train"), data.tensors("val")
+    module.eval()
+    expected = probe.probe_auc(probe.features(module, train, torch.arange(32)), train["label"].float(),
+                               probe.features(module, val, torch.arange(32)), val["label"].float())
+    assert history[-1]["val/probe_auc"] == expected
 
 
 def test_validate_every_k_steps_stops_stage_1_inside_an_epoch_and_validates_short_epochs(bert_dir, tmp_path):
