@@ -24,11 +24,11 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save
 
-from finetune.guards import ExportError
 from tabular2text.atomic import atomic_path, file_sha256, first_mismatch
 from tabular2text.encode import encode_column, frame_to_tensors
 from tabular2text.schema import FeatureSpec, vocab_key
 from tabular2text.sources import DataError, out_of_range, plain
+from towers.checkpoints import ExportError
 from towers.collaborative import BACKBONES, CTRModel, build_backbone
 
 EXPORT_FORMAT = "ctrl-rec/collaborative-model"

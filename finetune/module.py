@@ -25,7 +25,9 @@ from torchmetrics.classification import BinaryAUROC
 from torchmetrics.utilities import dim_zero_cat
 
 from finetune.export import export_model
-from finetune.guards import (
+from tabular2text.oserrors import origin
+from tabular2text.schema import OOV, FeatureSpec
+from towers.checkpoints import (
     CheckpointError,
     ConfigError,
     check_resumed_checkpoint,
@@ -35,8 +37,6 @@ from finetune.guards import (
     spec_mismatch,
     stamp_checkpoint,
 )
-from tabular2text.oserrors import origin
-from tabular2text.schema import OOV, FeatureSpec
 from towers.collaborative import CollaborativeTower, CTRModel, backbone_config, make_tower
 
 Batch = dict[str, torch.Tensor]

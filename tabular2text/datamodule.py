@@ -21,6 +21,7 @@ from tabular2text.oserrors import origin
 from tabular2text.prepare import SPLITS, default_cache_dir, prepare, read_split
 from tabular2text.schema import FeatureSpec
 from tabular2text.sources import DataError
+from tabular2text.text_side import TextSide
 from tabular2text.text_vectors import (
     FrozenText,
     TextEncoder,
@@ -151,78 +152,79 @@ class CTRDataModule(pl.LightningDataModule):
         return items["id"].to_numpy(np.int64), items["item_text"].tolist()
 
     # --- the text side ------------------------------------------------------------------------------------
-    def serve_text(self, encoder: TextEncoder | None = None, tokenize: Tokenize | None = None,
-                   granularity: str = "row", states: bool = False) -> None:
-        """From now on each batch of the splits before test carries `batch["text"]` next to its features.
-
-        Given `encoder` (a frozen language tower), the text vectors of every row before test are read from
-        the cache, each distinct text encoded where missing (under DDP every rank encodes its share: call
-        this on every rank), and a batch gets its rows' vectors. Given `tokenize` (a trainable tower), a
-        batch gets the token ids of its (user sentence, item sentence) pairs. Given an encoder of hidden
-        states and `states=True`, a batch gets its rows' cached states and their attention mask (row text).
+    def serve_text(self, side: TextSide, encoder: TextEncoder | None = None, tokenize: Tokenize | None = None
+                   ) -> None:
+        """From now on each batch of the splits before test carries `batch["text"]` next to its features, as
+        `side` says (tabular2text/text_side.py): a trainable tower's token ids (given `tokenize`), or what a
+        frozen encoder wrote into the on-disk cache (given `encoder`): each row's vector, its entity vectors,
+        or the hidden states of its (user, item) text. Cached texts are read, missing ones encoded; under DDP
+        every rank encodes its share, so call this on every rank.
 
         Args:
-            encoder: what encodes texts into the cache, e.g. `towers.encoder.FrozenEncoder`.
+            side: what to serve, e.g. `TextSide.from_settings(spec, "entity")`.
+            encoder: what encodes texts into the cache, e.g. `towers.encoder.FrozenEncoder` (with
+                `lower_blocks` for "states").
             tokenize: the trainable tower's tokenizer call, e.g. `LanguageTower.tokenize`.
-            granularity: with `encoder`: "row" (the paper's): each row's (user sentence, item sentence)
-                pair, one text per row; "entity" (as DisCo and KAR): each user's sentence without the
-                behavior sequence and each item's sentence, encoded once per entity, and per row [user
-                vector, item vector, mean of its history items' vectors].
-            states: with `encoder` writing hidden states (`FrozenEncoder(..., lower_blocks=b)`): serve
-                {"states": B x L x H, "attention_mask": B x L} of each row's (user, item) text.
         """
-        if (encoder is None) == (tokenize is None):
-            raise ValueError("serve_text takes an encoder (frozen language tower) or tokenize (trainable one)")
-        if tokenize is not None:
+        needs = "tokenize" if side.serves == "tokens" else "encoder"
+        given = [name for name, value in (("encoder", encoder), ("tokenize", tokenize)) if value is not None]
+        if given != [needs]:
+            raise ValueError(f"serving {side.serves} takes {needs} alone (an encoder of a frozen tower, tokenize of a"
+                             f" trainable one); given: {', '.join(given) or 'neither'}")
+        if side.serves == "tokens":
             self.text = TokenizedText({split: self.texts(split) for split in self.text_splits}, tokenize)
-            return
-        trainer = self.trainer
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        cache = TextVectorCache(self.text_cache_dir)
+        elif side.serves == "vectors":
+            self.text = self._row_vectors(encoder)
+        elif side.serves == "states":
+            self.text = self._row_states(encoder)
+        else:
+            self.text = self._entity_vectors(encoder, side.history_field)
 
-        def vectors(first: list[str], second: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-            return cache.vectors(encoder, first, second, rank=rank, world_size=world_size,
-                                 barrier=trainer.strategy.barrier if trainer else lambda: None)
+    def _row_vectors(self, encoder: TextEncoder) -> FrozenText:
+        """Row text: one vector per row, of its (user sentence, item sentence) pair."""
+        table, index = self._cached(encoder, self._before_test("user_text"), self._before_test("item_text"))
+        return FrozenText({split: [(table, index[rows])] for split, rows in self._split_rows().items()})
 
-        # One entry for all rows before test (the same rows, in the same time order, in every val_fold); each
-        # split is a slice of its per-row index.
-        sizes = {split: len(self.frame(split)) for split in self.text_splits}
-        starts = dict(zip(sizes, np.cumsum([0, *sizes.values()]).tolist(), strict=False))
+    def _row_states(self, encoder: TextEncoder) -> TokenStates:
+        """Row text through the frozen lower blocks: each row's hidden states and its number of tokens."""
+        users, items = self._before_test("user_text"), self._before_test("item_text")
+        table, index = self._cached(encoder, users, items)
+        lengths = encoder.token_lengths(users, items)
+        return TokenStates({split: (table, index[rows], lengths[rows]) for split, rows in self._split_rows().items()},
+                           encoder.hidden_size)
 
-        def of(split: str, per_row: np.ndarray) -> np.ndarray:  # a per-row array's slice for split
-            return per_row[starts[split]:starts[split] + sizes[split]]
-
-        def per_split(table: np.ndarray, index: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-            return {split: (table, of(split, index)) for split in sizes}
-
-        def joined(column: str) -> list[str]:
-            return [text for split in sizes for text in self.frame(split)[column].tolist()]
-
-        if states:
-            if granularity != "row":
-                raise ValueError("cached hidden states are served for row text only; use text granularity row")
-            users, items = joined("user_text"), joined("item_text")
-            table, index = vectors(users, items)
-            lengths = encoder.token_lengths(users, items)
-            self.text = TokenStates({split: (table, of(split, index), of(split, lengths)) for split in sizes},
-                                    encoder.hidden_size)
-            return
-        if granularity == "row":
-            rows = per_split(*vectors(joined("user_text"), joined("item_text")))
-            self.text = FrozenText({split: [rows[split]] for split in sizes})
-            return
-        if granularity != "entity":
-            raise ValueError(f"unknown text granularity {granularity!r}; use row or entity")
+    def _entity_vectors(self, encoder: TextEncoder, history_field: str | None) -> FrozenText:
+        """Entity text: each user's sentence without the behavior sequence and each item's sentence, encoded
+        once per entity; per row [user vector, item vector, mean of its history items' vectors]."""
         spec = self.feature_spec
-        if spec.item_field is None:
-            raise ValueError("text granularity entity needs an item id field in the data; use row")
         ids, item_texts = self.item_catalog()
-        catalog, index = vectors(item_texts)
+        catalog, index = self._cached(encoder, item_texts)
         item_vectors = torch.zeros(spec[spec.item_field].vocab_size, encoder.output_dim)
         item_vectors[torch.from_numpy(ids)] = torch.from_numpy(catalog[index])
-        users, items = per_split(*vectors(joined("user_profile_text"))), per_split(*vectors(joined("item_text")))
-        history = next((f.name for f in spec.fields if f.kind == "sequence"), None)
-        self.text = FrozenText({split: [users[split], items[split]] for split in sizes}, item_vectors, history)
+        users, user_index = self._cached(encoder, self._before_test("user_profile_text"))
+        items, item_index = self._cached(encoder, self._before_test("item_text"))
+        return FrozenText({split: [(users, user_index[rows]), (items, item_index[rows])]
+                           for split, rows in self._split_rows().items()}, item_vectors, history_field)
+
+    def _cached(self, encoder: TextEncoder, first: list[str], second: list[str] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """The cached vectors of the distinct texts (encoding the missing ones) and, per text, an index into them."""
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return TextVectorCache(self.text_cache_dir).vectors(
+            encoder, first, second, rank=rank, world_size=world_size,
+            barrier=trainer.strategy.barrier if trainer else lambda: None)
+
+    def _before_test(self, column: str) -> list[str]:
+        """A text column of all rows before test, in time order: one cache entry for them in every val_fold."""
+        return [text for split in self.text_splits for text in self.frame(split)[column].tolist()]
+
+    def _split_rows(self) -> dict[str, slice]:
+        """Each split's rows within the rows before test (`_before_test`)."""
+        sizes = [len(self.frame(split)) for split in self.text_splits]
+        starts = np.cumsum([0, *sizes]).tolist()
+        return {split: slice(start, start + size)
+                for split, start, size in zip(self.text_splits, starts, sizes, strict=False)}
 
     def collate(self, split: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         """The DataLoader's collate function: the sliced batch, plus `batch["text"]` once text is served."""
@@ -252,7 +254,7 @@ class CTRDataModule(pl.LightningDataModule):
 
     # --- resuming: every checkpoint records where training stands in the data -------------------------------
     def state_dict(self) -> dict:
-        """Saved by Lightning in every checkpoint. With it (and ctrl.lightning.RandomState for the random
+        """Saved by Lightning in every checkpoint. With it (and ctrl.app.lightning_cli.RandomState for the random
         states), a fit resumed from a mid-epoch checkpoint (`--ckpt_path last`) trains the remaining batches
         of that epoch, as the uninterrupted run does."""
         if self.trainer is None or self.trainer.state.fn != "fit":

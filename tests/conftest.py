@@ -44,7 +44,7 @@ def small_run(tmp_path_factory, bert_dir):
     tmp = tmp_path_factory.mktemp("pipeline")
     data = write_small_ml1m(tmp / "ml-1m")
     configs = small_config_dir(tmp / "configs", bert_dir, tmp / "text-vectors")
-    from ctrl.cli import main
+    from ctrl.app.cli import main
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CTRL_CACHE_DIR", str(tmp / "cache"))

@@ -44,8 +44,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
 
-from ctrl.pipeline import finish_wandb, run
-from ctrl.report import cpu_model
+from ctrl.app.pipeline import finish_wandb, run
+from ctrl.app.report import cpu_model
 from finetune.export import Scorer, encode_rows, load_model
 from tabular2text.datamodule import CTRDataModule, TensorDictDataset, keep_batch
 from tabular2text.encode import frame_to_tensors

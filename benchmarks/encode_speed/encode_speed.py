@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctrl.report import cpu_model
+from ctrl.app.report import cpu_model
 from tabular2text.datamodule import CTRDataModule
 from towers.encoder import FrozenEncoder
 from towers.language import LanguageTower

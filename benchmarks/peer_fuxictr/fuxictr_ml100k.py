@@ -48,9 +48,9 @@ from fuxictr.pytorch.models import BaseModel
 from fuxictr.pytorch.torch_utils import seed_everything
 from fuxictr.utils import load_config, set_logger
 
-from ctrl.lightning import lightning_cli
-from ctrl.pipeline import stage_configs
-from ctrl.report import cpu_model
+from ctrl.app.lightning_cli import lightning_cli
+from ctrl.app.pipeline import stage_configs
+from ctrl.app.report import cpu_model
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.schema import PAD, FeatureSpec
 

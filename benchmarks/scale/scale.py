@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from ctrl.report import cpu_model
+from ctrl.app.report import cpu_model
 
 ENCODE_ROWS = """
 import json, sys, time
@@ -79,7 +79,7 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
     subprocess.run(["rm", "-rf", str(root)], check=True)
     root.mkdir(parents=True)
     env = {**os.environ, "CTRL_CACHE_DIR": str(root / "cache"), "WANDB_MODE": "offline"}
-    ctrl = [sys.executable, "-m", "ctrl.cli"]
+    ctrl = [sys.executable, "-m", "ctrl.app.cli"]
     configs = Path(__file__).resolve().parents[2] / "configs" / "ml100k"
     results = {}
     results["prepare"] = timed([*ctrl, "prepare", "--data_dir", data_dir], root / "prepare.log", env)

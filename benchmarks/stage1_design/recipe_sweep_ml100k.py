@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.common import command
-from ctrl.lightning import lightning_cli
-from ctrl.report import cpu_model
+from ctrl.app.lightning_cli import lightning_cli
+from ctrl.app.report import cpu_model
 from tabular2text.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import command
-from ctrl.report import mean_std, read_records
+from ctrl.app.report import mean_std, read_records
 from tabular2text.atomic import atomic_write_text
 
 STAGE1 = ("align/val/retrieval_top1", "align/val/probe_auc")

@@ -22,12 +22,12 @@ import pytest
 import yaml
 from helpers import CONFIGS, GENERIC_CSV, GENERIC_SCHEMA, ML100K, write_generic, write_small_ml1m
 
-import ctrl.cli
-from ctrl.cli import main
+import ctrl.app.cli
+from ctrl.app.cli import main
 from finetune.export import load_scorer
-from finetune.guards import ExportError
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.sources import DataError
+from towers.checkpoints import ExportError
 
 
 @dataclass
@@ -227,10 +227,12 @@ CASES = {
         ("{tmp}/folder", "is not a model")),
     "stage-1 checkpoint given to stage 2": Case(
         lambda tmp, run: ["test", *fit(run, "finetune")[1:], "--ckpt_path", ckpt(run, "align")],
-        ("is a stage-1 (alignment) checkpoint of ctrl.module.AlignmentModule", "builds finetune.module.CTRModule")),
+        ("is a stage-1 (alignment) checkpoint of ctrl.align.module.AlignmentModule",
+         "builds finetune.module.CTRModule")),
     "stage-2 checkpoint given to stage 1": Case(
         lambda tmp, run: ["validate", *fit(run, "align")[1:], "--ckpt_path", ckpt(run, "finetune")],
-        ("is a stage-2 (fine-tuned) checkpoint of finetune.module.CTRModule", "builds ctrl.module.AlignmentModule")),
+        ("is a stage-2 (fine-tuned) checkpoint of finetune.module.CTRModule",
+         "builds ctrl.align.module.AlignmentModule")),
     "stage-2 checkpoint given as init_from": Case(
         lambda tmp, run: fit(run, "finetune", "--model.init_args.init_from", ckpt(run, "finetune")),
         ("init_from: {run}/out/finetune", "is a stage-2 (fine-tuned) checkpoint", "takes a stage-1")),
@@ -739,7 +741,7 @@ def test_an_error_ctrl_rec_does_not_know_still_ends_in_one_line(monkeypatch, cap
         raise TypeError("object of type 'float' has no len()")
 
     monkeypatch.delenv("CTRL_DEBUG", raising=False)
-    monkeypatch.setitem(ctrl.cli.COMMANDS, "prepare", broken)
+    monkeypatch.setitem(ctrl.app.cli.COMMANDS, "prepare", broken)
     with pytest.raises(SystemExit) as exit_info:
         main(["prepare", "--data_dir", "d"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -13,12 +13,12 @@ import yaml
 from helpers import small_config_dir, write_small_ml1m
 from scipy.stats import ttest_rel
 
-import ctrl.bench
-import ctrl.pipeline
-import ctrl.report
-from ctrl.cli import main
-from ctrl.pipeline import train
-from ctrl.report import append_record, read_records
+import ctrl.app.bench
+import ctrl.app.pipeline
+import ctrl.app.report
+from ctrl.app.cli import main
+from ctrl.app.pipeline import train
+from ctrl.app.report import append_record, read_records
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [0, 1]
@@ -79,7 +79,7 @@ def test_every_run_is_recorded_with_metrics_times_and_arguments(bench_run):
         assert {"val/auc", "val/logloss", "test/auc", "test/logloss"} <= set(r["metrics"])
         assert ["--seed_everything", str(r["seed"])] == r["finetune_args"][:2]
         assert {"prepare", "stage 2", "validate", "test"} <= set(r["phases"])
-        assert r["machine"] == ctrl.report.machine()  # the machine that trained it, for a report written elsewhere
+        assert r["machine"] == ctrl.app.report.machine()  # the machine that trained it, for a report written elsewhere
         (ckpt,) = (run_dir / "finetune" / "checkpoints").glob("best*.ckpt")
         hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
         # CTRL's stage 2 is the baseline's plus finetune_aligned.yaml, merged last: dropout 0.7, the base's 0.8
@@ -130,7 +130,7 @@ def test_report_numbers_match_the_records(bench_run):
         (row,) = [line for line in report.splitlines() if re.match(rf"\| dcn \| (\*\*)?{variant}(\*\*)? \|", line)]
         assert row.split("|")[4].strip().startswith(f"{np.mean(val):.4f}")
     assert "Written by `ctrl bench --config " in report
-    assert f"Machines that trained the runs: {ctrl.report.machine()} (4 runs)." in report
+    assert f"Machines that trained the runs: {ctrl.app.report.machine()} (4 runs)." in report
     assert "| encode | 1.0 |" in report and "absent.md" not in report  # included verbatim when present
 
 
@@ -147,7 +147,7 @@ def test_report_decides_on_validation_and_covers_the_cold_start_slice(tmp_path):
             records.append({"variant": variant, "backbone": "dcn", "seed": seed, "metrics": metrics,
                             "phases": {"stage 2": 1.0}, "overrides": {"both": [], "align": [], "finetune": []},
                             "command": "ctrl bench"})
-    ctrl.report.write_report(records, ["dcn"], tmp_path / "RESULTS.md", tmp_path / "auc.png", [],
+    ctrl.app.report.write_report(records, ["dcn"], tmp_path / "RESULTS.md", tmp_path / "auc.png", [],
                             tmp_path / "results.jsonl")
     report = (tmp_path / "RESULTS.md").read_text()
     assert_comparison_row(report, "cold start", records, "test_cold")
@@ -174,8 +174,8 @@ def test_rerun_skips_finished_runs_and_resumes_a_missing_one(bench_run, monkeypa
         raise AssertionError("a finished run was trained again")
 
     with monkeypatch.context() as mp:
-        mp.setattr(ctrl.bench, "train", no_training)
-        mp.setattr(ctrl.bench, "fit_stage", no_training)
+        mp.setattr(ctrl.app.bench, "train", no_training)
+        mp.setattr(ctrl.app.bench, "fit_stage", no_training)
         main(bench_args(bench_run))
     assert results.read_text().splitlines() == lines
 
@@ -184,7 +184,7 @@ def test_rerun_skips_finished_runs_and_resumes_a_missing_one(bench_run, monkeypa
     missing = runs.index(("base", 1))
     results.write_text("".join(f"{line}\n" for i, line in enumerate(lines) if i != missing))
     trained = []
-    monkeypatch.setattr(ctrl.bench, "train", lambda **kwargs: trained.append(kwargs) or train(**kwargs))
+    monkeypatch.setattr(ctrl.app.bench, "train", lambda **kwargs: trained.append(kwargs) or train(**kwargs))
     main(bench_args(bench_run))
     after = results.read_text().splitlines()
     assert len(trained) == 1 and len(after) == len(lines)
@@ -240,17 +240,18 @@ def test_every_ablation_of_the_shipped_config_names_options_of_its_stages(capsys
 
 
 def test_relaimpr_is_undefined_below_chance_and_the_auc_difference_is_reported_instead():
-    assert ctrl.report.rela_impr(0.78, 0.75) == pytest.approx(12.0)
+    assert ctrl.app.report.rela_impr(0.78, 0.75) == pytest.approx(12.0)
     # a base below chance flips the ratio's sign: CTRL better by .03 AUC would read as a loss
-    assert np.isnan(ctrl.report.rela_impr(0.48, 0.45))
-    assert ctrl.report.gain_text(0.48, 0.45) == "ΔAUC +0.0300 (base AUC <= 0.5: RelaImpr undefined)"
-    assert ctrl.report.gain_text(0.78, 0.75) == "+12.00%"
+    assert np.isnan(ctrl.app.report.rela_impr(0.48, 0.45))
+    assert ctrl.app.report.gain_text(0.48, 0.45) == "ΔAUC +0.0300 (base AUC <= 0.5: RelaImpr undefined)"
+    assert ctrl.app.report.gain_text(0.78, 0.75) == "+12.00%"
 
 
 def test_a_variant_that_changes_only_stage_2_reuses_the_stage_1_run(bench_run, monkeypatch):
     monkeypatch.setenv("CTRL_CACHE_DIR", str(bench_run / "cache"))
     fits = []
-    monkeypatch.setattr(ctrl.bench, "fit_stage", lambda *a, **k: fits.append(a) or ctrl.pipeline.fit_stage(*a, **k))
+    monkeypatch.setattr(ctrl.app.bench, "fit_stage",
+                        lambda *a, **k: fits.append(a) or ctrl.app.pipeline.fit_stage(*a, **k))
     main(["bench", "--config", str(bench_run / "bench.yaml"), "--variants", "ctrl_lr"])
     records = {(r["variant"], r["seed"]): r for r in read_records(bench_run / "out" / "results.jsonl")}
     reused, original = records[("ctrl_lr", 0)], records[("ctrl", 0)]

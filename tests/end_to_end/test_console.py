@@ -10,7 +10,13 @@ import warnings
 import pytest
 from helpers import small_config_dir, write_small_ml1m
 
-from ctrl.console import LEAFSPEC_DEPRECATION, LITLOGGER_TIP, RANK_ZERO_LOGGERS, not_the_litlogger_tip, quiet_console
+from ctrl.app.console import (
+    LEAFSPEC_DEPRECATION,
+    LITLOGGER_TIP,
+    RANK_ZERO_LOGGERS,
+    not_the_litlogger_tip,
+    quiet_console,
+)
 
 # what every stage printed before (issue 36), by a piece of each message
 NOTICES = {
@@ -30,7 +36,7 @@ def test_a_short_run_prints_its_phases_and_metrics_and_no_library_notices(tmp_pa
     env = {k: v for k, v in os.environ.items() if k != "CTRL_VERBOSE"}
     env.update(CTRL_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline")
     # a relative --out that does not exist yet, as a user types it (W&B looked for a git repository there)
-    done = subprocess.run([sys.executable, "-m", "ctrl.cli", "run", "--config_dir", str(configs), "--data_dir",
+    done = subprocess.run([sys.executable, "-m", "ctrl.app.cli", "run", "--config_dir", str(configs), "--data_dir",
                            str(data), "--out", "out"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     console = done.stdout + done.stderr

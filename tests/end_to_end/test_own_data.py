@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ctrl.cli import main
+from ctrl.app.cli import main
 from finetune.export import export_model, load_scorer
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.download import from_recbole_wheel

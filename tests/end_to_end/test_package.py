@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import write_small_ml1m
 
-from ctrl.cli import main
-from ctrl.paths import resolve_config_args, resolve_config_path, shipped_configs
+from ctrl.app.cli import main
+from ctrl.app.paths import resolve_config_args, resolve_config_path, shipped_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("ctrl", "finetune", "tabular2text", "towers")
@@ -43,7 +43,7 @@ def test_readme_examples_of_configs_run_from_another_folder(tmp_path, monkeypatc
     monkeypatch.setenv("CTRL_CACHE_DIR", str(tmp_path / "cache"))
     main(["prepare", "--data_dir", "configs/generic/schema.yaml", "--show", "1"])
     assert "This is a user" in capsys.readouterr().out
-    from ctrl.lightning import lightning_cli
+    from ctrl.app.lightning_cli import lightning_cli
 
     cli = lightning_cli(["--config", "configs/ml100k/finetune.yaml", "--config", "configs/ml100k/finetune/deepfm.yaml",
                          "--data.data_dir", "configs/recbole/shop", "--trainer.logger", "false"], run=False)
@@ -112,7 +112,7 @@ def test_the_wheel_runs_the_main_job_outside_the_repository(tmp_path):
 
 
 def test_bench_report_outside_the_repository_is_written_under_the_current_folder(tmp_path, monkeypatch):
-    from ctrl.report import append_record
+    from ctrl.app.report import append_record
 
     monkeypatch.chdir(tmp_path)
     for seed in (0, 1):

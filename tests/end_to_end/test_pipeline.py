@@ -9,9 +9,9 @@ import torch
 import yaml
 from helpers import small_config, wandb_records, write_small_ml1m  # noqa: F401 (shared)
 
-from ctrl.cli import main
+from ctrl.app.cli import main
 from finetune.export import load_model
-from finetune.guards import CheckpointError
+from towers.checkpoints import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs" / "ml100k").glob("*.yaml"))
@@ -132,7 +132,7 @@ def test_checkpoint_of_the_wrong_stage_is_refused(small_run, bert_dir):
     """Through Lightning directly (LightningCLI instead rebuilds whatever module the checkpoint holds)."""
     import pytorch_lightning as pl
 
-    from ctrl.module import AlignmentModule
+    from ctrl.align.module import AlignmentModule
     from finetune.module import CTRModule
     from tabular2text.datamodule import CTRDataModule
     from towers import DCN

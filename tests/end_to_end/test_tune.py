@@ -13,11 +13,11 @@ import torch
 import yaml
 from helpers import small_config_dir, write_small_ml1m
 
-import ctrl.bench
-from ctrl.cli import main
-from ctrl.pipeline import stage_configs
-from ctrl.report import read_records, trial_scores, tuning_winner, write_report
-from ctrl.tune import TUNED_OPTIONS, Tuning, draw_trials, trial_args
+import ctrl.app.bench
+from ctrl.app.cli import main
+from ctrl.app.pipeline import stage_configs
+from ctrl.app.report import read_records, trial_scores, tuning_winner, write_report
+from ctrl.app.tune import TUNED_OPTIONS, Tuning, draw_trials, trial_args
 
 SEEDS = [0, 1]
 TUNING = {"dropout": [0.2, 0.6], "lr": [0.001, 0.003], "weight_decay": [1e-4], "trials": 2, "seed": 0, "seeds": [0]}
@@ -163,8 +163,8 @@ def test_a_rerun_trains_nothing_and_chooses_the_same(tune_run, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a recorded run was trained again")
 
-    monkeypatch.setattr(ctrl.bench, "train", no_training)
-    monkeypatch.setattr(ctrl.bench, "fit_stage", no_training)
+    monkeypatch.setattr(ctrl.app.bench, "train", no_training)
+    monkeypatch.setattr(ctrl.app.bench, "fit_stage", no_training)
     main(tune_args(tune_run))
     assert results.read_text() == before
     assert {p: yaml.safe_load(p.read_text()) for p in tuned.rglob("*.yaml")} == overlays
@@ -177,7 +177,7 @@ def test_a_store_of_untuned_base_and_ctrl_runs_is_refused_before_any_training(tu
     untuned = [r for r in read_records(tune_run / "out" / "results.jsonl") if r["variant"] == "base"][:1]
     del untuned[0]["tuned"]
     (out / "results.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in untuned))
-    monkeypatch.setattr(ctrl.bench, "run_once", lambda *a, **k: pytest.fail("trained into a mixed store"))
+    monkeypatch.setattr(ctrl.app.bench, "run_once", lambda *a, **k: pytest.fail("trained into a mixed store"))
     with pytest.raises(SystemExit) as exit_info:
         main([*tune_args(tune_run), "--out", str(out)])
     assert exit_info.value.code == 2

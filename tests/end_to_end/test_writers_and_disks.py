@@ -18,7 +18,7 @@ import pytest
 from helpers import ROOT, write_generic
 
 import tabular2text.prepare
-from ctrl.cli import main
+from ctrl.app.cli import main
 from tabular2text.atomic import atomic_path
 from tabular2text.oserrors import forget_origins, origin, path_error
 from tabular2text.prepare import damaged_file

@@ -13,12 +13,13 @@ import torch
 from helpers import synthetic_batch, synthetic_spec
 from torch.utils.data import DataLoader
 
-from ctrl.module import AlignmentModule
-from ctrl.probe import TransferProbe, ValidateEvery
-from finetune.guards import ConfigError
+from ctrl.align.module import AlignmentModule
+from ctrl.align.probe import TransferProbe
+from ctrl.align.validate_every import ValidateEvery
 from finetune.module import load_aligned_tower
 from tabular2text.datamodule import CTRDataModule, TensorDictDataset
 from towers import BACKBONES, DeepFM
+from towers.checkpoints import ConfigError
 from towers.encoder import FrozenEncoder
 from towers.language import LanguageTower
 
@@ -128,7 +129,7 @@ def test_entity_text_pools_user_item_and_history_item_vectors(bert_dir, tmp_path
 
 def test_frozen_tower_encodes_on_the_trainers_device_and_a_trainable_one_follows_the_module(bert_dir, tmp_path,
                                                                                                monkeypatch):
-    import ctrl.module
+    import ctrl.align.module
 
     devices = []
 
@@ -137,7 +138,7 @@ def test_frozen_tower_encodes_on_the_trainers_device_and_a_trainable_one_follows
             super().__init__(tower, device, precision, **options)
             devices.append((self.device, next(self.tower.parameters()).device))
 
-    monkeypatch.setattr(ctrl.module, "FrozenEncoder", Recording)
+    monkeypatch.setattr(ctrl.align.module, "FrozenEncoder", Recording)
     run = trainer(fast_dev_run=1)
     run.fit(make_module(bert_dir), datamodule=TextData(tmp_path / "cache"))
     assert devices == [(run.strategy.root_device, run.strategy.root_device)]  # one load for train and val
@@ -207,6 +208,12 @@ def test_transfer_probe_logs_a_linear_probe_auc_per_epoch_and_changes_no_trainin
     history = callbacks[0].history
     assert [h["epoch"] for h in history] == [0, 1]
     assert all(0.0 <= h["val/probe_auc"] <= 1.0 and "val/retrieval_top1" in h for h in history)
+    # the rows of the trainer's loaders are the splits' rows, in order: the last probe, redone by hand, to the bit
+    probe, train, val = callbacks[0], data.tensors("train"), data.tensors("val")
+    module.eval()
+    expected = probe.probe_auc(probe.features(module, train, torch.arange(32)), train["label"].float(),
+                               probe.features(module, val, torch.arange(32)), val["label"].float())
+    assert history[-1]["val/probe_auc"] == expected
 
 
 def test_validate_every_k_steps_stops_stage_1_inside_an_epoch_and_validates_short_epochs(bert_dir, tmp_path):
@@ -371,7 +378,7 @@ def test_stage1_base_and_overlay_fast_dev_run_per_backbone(bert_dir, tmp_path, s
     """align.yaml + align/BACKBONE.yaml: the backbone's class, the shipped stage-1 recipe, two real steps."""
     from helpers import CONFIGS
 
-    from ctrl.lightning import lightning_cli
+    from ctrl.app.lightning_cli import lightning_cli
 
     cli = lightning_cli([
         "--config", str(CONFIGS / "align.yaml"), "--config", str(CONFIGS / "align" / f"{backbone}.yaml"),

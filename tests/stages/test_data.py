@@ -9,11 +9,12 @@ import pytest
 import torch
 from helpers import ML100K, write_generic, write_ml1m
 
-from ctrl.cli import main
+from ctrl.app.cli import main
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.download import ensure_movielens_100k
 from tabular2text.prepare import prepare
 from tabular2text.schema import OOV, FeatureSpec
+from tabular2text.text_side import TextSide
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +141,8 @@ def test_the_data_module_serves_each_batch_its_text(bert_dir, tmp_path):
     dm = CTRDataModule(str(write_small_ml1m(tmp_path / "ml-1m")), batch_size=32, cache_dir=str(tmp_path / "cache"))
     assert "text" not in next(iter(dm.train_dataloader()))
     tower = LanguageTower(bert_dir)
-    dm.serve_text(encoder=FrozenEncoder(tower, precision="fp32"))
+    row_text = TextSide.from_settings(dm.feature_spec)
+    dm.serve_text(row_text, encoder=FrozenEncoder(tower, precision="fp32"))
     assert len(list((tmp_path / "cache" / "text-vectors").iterdir())) == 1  # one entry: every row before test
     reference = FrozenEncoder(LanguageTower(bert_dir), precision="fp32")
     for split, loader in (("train", dm.train_dataloader()), ("val", dm.val_dataloader())):
@@ -150,15 +152,16 @@ def test_the_data_module_serves_each_batch_its_text(bert_dir, tmp_path):
         torch.testing.assert_close(batch["text"], reference.encode([users[i] for i in rows], [items[i] for i in rows]),
                                    atol=1e-5, rtol=1e-5)
     assert "text" not in next(iter(dm.test_dataloader()))
-    dm.serve_text(tokenize=tower.tokenize)
+    tokens = TextSide.from_settings(dm.feature_spec, trainable_layers=1)
+    dm.serve_text(tokens, tokenize=tower.tokenize)
     batch = next(iter(dm.val_dataloader()))
     users, items = dm.texts("val")
     expected = tower.tokenize([users[i] for i in batch["row"].tolist()], [items[i] for i in batch["row"].tolist()])
     assert torch.equal(batch["text"]["input_ids"], expected["input_ids"])
-    with pytest.raises(ValueError, match="an encoder .* or tokenize"):
-        dm.serve_text()
-    with pytest.raises(ValueError, match="unknown text granularity 'user'"):
-        dm.serve_text(encoder=reference, granularity="user")
+    with pytest.raises(ValueError, match="serving vectors takes encoder alone .* given: neither"):
+        dm.serve_text(row_text)
+    with pytest.raises(ValueError, match="serving tokens takes tokenize alone .* given: encoder"):
+        dm.serve_text(tokens, encoder=reference)
 
 
 # The default; `{items}` twice, which is formatted per row; no `{items}`; a side separator of whitespace only.

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import ML100K, ROOT, wandb_records
 
-from ctrl.cli import main
+from ctrl.app.cli import main
 from finetune.export import encode_rows, load_scorer
 from tabular2text.encode import frame_to_tensors
 from tabular2text.prepare import labelled_splits
@@ -93,7 +93,7 @@ def test_stage2_base_and_overlay_fast_dev_run_per_backbone(tmp_path, cache, back
     """finetune.yaml + finetune/BACKBONE.yaml: the backbone's class, its tuned values, and two real steps."""
     from pytorch_lightning.cli import LightningCLI
 
-    from ctrl.lightning import lightning_cli
+    from ctrl.app.lightning_cli import lightning_cli
 
     overlay = ROOT / "configs" / "ml100k" / "finetune" / f"{backbone}.yaml"
     cli: LightningCLI = lightning_cli([
@@ -109,7 +109,7 @@ def test_stage2_base_and_overlay_fast_dev_run_per_backbone(tmp_path, cache, back
 
 
 def test_ctrl_stage_2_merges_the_aligned_overlay_last_and_the_baseline_never(tmp_path):
-    from ctrl.pipeline import stage_configs
+    from ctrl.app.pipeline import stage_configs
 
     shipped = ROOT / "configs" / "ml100k"
     names = {aligned: [Path(f).relative_to(shipped).as_posix() for f in stage_configs(shipped, "finetune", "autoint",

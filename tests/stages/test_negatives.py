@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from helpers import ML100K, small_config_dir
 
-from ctrl.cli import main
+from ctrl.app.cli import main
 from tabular2text.prepare import labelled_splits, prepare, sample_negatives
 from tabular2text.sources import NegativeRule, read_table
 

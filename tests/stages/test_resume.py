@@ -13,8 +13,8 @@ import torch
 import yaml
 from helpers import CONFIGS, small_config, write_small_ml1m
 
-from ctrl.cli import main
-from ctrl.lightning import lightning_cli
+from ctrl.app.cli import main
+from ctrl.app.lightning_cli import lightning_cli
 
 KILL_AT_STEP = 14  # the fits below have 10 steps per epoch and save last.ckpt every 3 steps
 
@@ -60,7 +60,7 @@ def killed_fit(config: Path, data: Path) -> subprocess.CompletedProcess:
     # its own W&B service, as a fit started from a shell has: one inherited from this process would still hold
     # the killed run's id when the resumed fit continues that run here
     env.pop("WANDB_SERVICE", None)
-    return subprocess.run([sys.executable, "-m", "ctrl.cli", "fit", "--config", str(killer_config),
+    return subprocess.run([sys.executable, "-m", "ctrl.app.cli", "fit", "--config", str(killer_config),
                            "--data.data_dir", str(data)], env=env, capture_output=True, text=True, timeout=300)
 
 

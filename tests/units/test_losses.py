@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, info_nce, max_sim
+from ctrl.align.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, info_nce, max_sim
 
 TAU = 0.7
 

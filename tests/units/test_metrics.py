@@ -13,10 +13,10 @@ from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC
 
-from finetune.guards import NonFiniteLossError
 from finetune.module import CTRModule
 from tabular2text.datamodule import TensorDictDataset, keep_batch
 from towers import DIN, DeepFM
+from towers.checkpoints import NonFiniteLossError
 
 
 def rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:

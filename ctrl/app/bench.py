@@ -1,6 +1,6 @@
 """The benchmark: per backbone and seed, the backbone from scratch ("base": stage 2 only) vs CTRL ("ctrl":
 stage 1 then stage 2), plus named ablations of CTRL; then a report (RESULTS.md and a PNG of test AUC,
-written by ctrl/report.py).
+written by ctrl/app/report.py).
 
     ctrl bench --config configs/bench/ml100k.yaml --data_dir ../shared/data/ml-100k
     ctrl bench --config configs/bench/ml100k.yaml --data_dir ../shared/data/ml-100k --variants coarse_only,fine_only
@@ -10,7 +10,7 @@ written by ctrl/report.py).
 With `--tune true` each arm's stage 2 is first searched on validation with the same trials (`tuning`,
 ctrl/tune.py) and the winners are the `base` and `ctrl` rows.
 
-Each run is `ctrl.pipeline.train` with the shipped stage configs plus the variant's overrides and
+Each run is `ctrl.app.pipeline.train` with the shipped stage configs plus the variant's overrides and
 `--seed_everything SEED`. Every finished run appends one JSON line to `<out>/results.jsonl`; a rerun skips
 the runs recorded there, so an interrupted benchmark continues where it stopped. The report reads only
 that file. Choices are made on validation AUC; test metrics are reported, never used to pick.
@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from ctrl.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, stage_configs, timed, train
-from ctrl.probe import TransferProbe
-from ctrl.report import BASE, CTRL, append_record, command_line, machine, read_records, write_report
-from ctrl.tune import TUNING, Tuning, choose, draw_trials, grid_record, trial_args, trial_name, write_overlays
-from finetune.guards import ConfigError
+from ctrl.align.probe import TransferProbe
+from ctrl.app.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, stage_configs, timed, train
+from ctrl.app.report import BASE, CTRL, append_record, command_line, machine, read_records, write_report
+from ctrl.app.tune import TUNING, Tuning, choose, draw_trials, grid_record, trial_args, trial_name, write_overlays
 from tabular2text.atomic import atomic_write_text
+from towers.checkpoints import ConfigError
 
 RESULTS_FILE = "results.jsonl"
 

@@ -1,5 +1,5 @@
-"""Checks shared by both training stages (stage 1 imports them from here; this package imports nothing of
-stage 1)."""
+"""Checks shared by both training stages (ctrl.align and finetune), below both of them and Lightning-free:
+the checkpoint stamp and its checks, the finite-loss guard, the errors the `ctrl` command prints as one line."""
 
 from __future__ import annotations
 

@@ -16,12 +16,13 @@ from pytorch_lightning import Callback
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
-from ctrl.paths import resolve_config_args, resolve_config_path
-from finetune.guards import STAGE_NAMES, CheckpointError, ConfigError, checkpoint_stage, read_checkpoint
+from ctrl.app.paths import resolve_config_args, resolve_config_path
+from ctrl.app.renamed import refuse_renamed_checkpoint, refuse_renamed_in_args
 from tabular2text.atomic import process_alive
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.oserrors import origin
 from tabular2text.schema import FeatureSpec
+from towers.checkpoints import STAGE_NAMES, CheckpointError, ConfigError, checkpoint_stage, read_checkpoint
 
 # Lightning calls a mid-epoch resume unreliable unless the DataLoader itself is stateful; here the data module
 # restores its position within the epoch (CTRDataModule.state_dict) and RandomState the random states.
@@ -160,6 +161,7 @@ class CTRLCLI(LightningCLI):
         # LightningCLI rebuilds the module a --ckpt_path names, whatever the config says: `ctrl test` with a
         # finetune config and an alignment checkpoint would quietly run stage-1 validation. Refuse instead.
         saved = ckpt.get("hyper_parameters", {}).get("_class_path")
+        refuse_renamed_checkpoint(saved, ckpt_path)
         wanted = config.get("model", {}).get("class_path")
         if saved and wanted and saved != wanted:
             stage = STAGE_NAMES.get(checkpoint_stage(ckpt), "other")
@@ -203,5 +205,6 @@ def lightning_cli(args: list[str] | None, run: bool = True) -> CTRLCLI:
     """The Lightning CLI of both stages (the model's class_path picks the stage); `args` default to sys.argv's.
     Config files under `configs/` are read from the copy shipped with the package when absent here."""
     args = resolve_config_args(sys.argv[1:] if args is None else args)
+    refuse_renamed_in_args(args)
     return CTRLCLI(datamodule_class=CTRDataModule, subclass_mode_model=True, args=args, run=run,
                    save_config_callback=LoggerSaveConfigCallback, save_config_kwargs={"overwrite": True})

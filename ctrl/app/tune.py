@@ -3,11 +3,11 @@ are compared.
 
 For each backbone, the baseline (stage 2 from scratch) and CTRL (stage 2 from the aligned tower) each train
 the same list of trials, drawn once from a grid of dropout x learning rate x weight decay, on the tuning seeds;
-per (arm, backbone) the trial with the best mean validation AUC wins (`ctrl.report.tuning_winner`; test metrics
+per (arm, backbone) the trial with the best mean validation AUC wins (`ctrl.app.report.tuning_winner`; test metrics
 are never read), and the winners become the benchmark's `base` and `ctrl` rows. The winners are also written as
 config overlays a user can ship (`write_overlays`): OUT/tuned/finetune/BACKBONE.yaml (the baseline's backbone
 overlay with its chosen values) and OUT/tuned/finetune_aligned/BACKBONE.yaml (CTRL's stage 2), in the shape of
-a config directory, so `cp -r OUT/tuned/. CONFIG_DIR/` ships them (`ctrl.pipeline.stage_configs` reads both).
+a config directory, so `cp -r OUT/tuned/. CONFIG_DIR/` ships them (`ctrl.app.pipeline.stage_configs` reads both).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 import yaml
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
-from ctrl.pipeline import ALIGNED_OVERLAY
-from ctrl.report import trial_scores, tuning_winner
-from finetune.guards import ConfigError
+from ctrl.app.pipeline import ALIGNED_OVERLAY
+from ctrl.app.report import trial_scores, tuning_winner
 from tabular2text.atomic import atomic_write_text
+from towers.checkpoints import ConfigError
 from towers.collaborative import Dropout
 
 # The searched settings and the stage-2 option each one sets. One table for the runs' arguments and the

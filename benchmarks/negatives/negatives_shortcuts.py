@@ -5,7 +5,7 @@ of the user: an item's review count in the train period (popularity) and the tim
 (age). Near 0.5 on both splits, a model must learn preference; far from it, or different on the two, it can
 learn the shortcut, which then fails to carry from validation to test (README, "A log of positives only").
 
-    PYTHONPATH=$PWD python benchmarks/negatives_shortcuts.py --data_dir ../shared/data/amazon-beauty
+    python -m benchmarks negatives --data_dir ../shared/data/amazon-beauty
 """
 
 from __future__ import annotations
@@ -15,18 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from jsonargparse import auto_cli
+import torch
+from torchmetrics.functional.classification import binary_auroc
 
 from tabular2text.prepare import labelled_splits
 from tabular2text.sources import read_generic
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Mann-Whitney AUC, ties counted half (average ranks)."""
-    ranks = pd.Series(scores).rank().to_numpy()
-    positive = labels == 1
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(binary_auroc(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels)))
 
 
 def main(data_dir: str = "../shared/data/amazon-beauty", rules: tuple[str, ...] = ("popularity", "uniform")) -> None:
@@ -49,6 +46,3 @@ def main(data_dir: str = "../shared/data/amazon-beauty", rules: tuple[str, ...] 
                 shown.append(f"{split}: popularity AUC {auc(labels, popularity):.3f}, age AUC {auc(labels, age):.3f}")
             print(f"{by:<10} | " + " | ".join(shown))
 
-
-if __name__ == "__main__":
-    auto_cli(main)

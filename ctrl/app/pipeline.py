@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from jsonargparse.typing import PositiveInt
 from pytorch_lightning.cli import LightningCLI
 
-from ctrl.lightning import lightning_cli
-from ctrl.paths import resolve_config_path
+from ctrl.app.lightning_cli import lightning_cli
+from ctrl.app.paths import resolve_config_path
 from finetune.export import load_scorer
-from finetune.guards import ConfigError
 from finetune.module import DefinedAUROC, ExportBest
 from tabular2text.prepare import labelled_splits
 from tabular2text.sources import read_table
+from towers.checkpoints import ConfigError
 
 
 @contextmanager

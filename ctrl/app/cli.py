@@ -32,14 +32,14 @@ import pandas as pd
 from jsonargparse import CLI
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from ctrl.console import quiet_console
-from ctrl.paths import resolve_config_args, resolve_config_path
-from finetune.guards import CheckpointError, ConfigError, NonFiniteLossError
+from ctrl.app.console import quiet_console
+from ctrl.app.paths import resolve_config_args, resolve_config_path
 from tabular2text.download import ensure_movielens_100k
 from tabular2text.oserrors import PathError, forget_origins, origin, path_error
 from tabular2text.prepare import SPLITS
 from tabular2text.prepare import prepare as prepare_data
 from tabular2text.sources import DataError
+from towers.checkpoints import CheckpointError, ConfigError, NonFiniteLossError
 
 # Each command imports what it needs when it runs: `ctrl prepare` does not wait for Lightning (7 s here).
 
@@ -123,7 +123,7 @@ def score(*, model: str, rows: str, out: str = "scores.parquet", batch_size: Pos
     print(f"scored {len(scores)} rows -> {out}")
 
 
-COMMANDS = {"prepare": prepare, "run": "ctrl.pipeline:run", "bench": "ctrl.bench:bench", "export": export,
+COMMANDS = {"prepare": prepare, "run": "ctrl.app.pipeline:run", "bench": "ctrl.app.bench:bench", "export": export,
             "score": score}
 
 
@@ -150,7 +150,7 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] in COMMANDS:
             CLI({argv[0]: command(argv[0])}, args=resolve_config_args(argv))
         else:
-            from ctrl.lightning import lightning_cli
+            from ctrl.app.lightning_cli import lightning_cli
 
             lightning_cli(argv)
     except Exception as e:  # the one error boundary: a line, never a traceback (CTRL_DEBUG=1 shows it)
@@ -165,7 +165,7 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     finally:
         if "wandb" in sys.modules:  # a training command ran: close its W&B run, so its files are complete
-            from ctrl.pipeline import finish_wandb
+            from ctrl.app.pipeline import finish_wandb
 
             finish_wandb()
 

@@ -2,16 +2,17 @@
 
 Each row is seen twice, as features (collaborative tower) and as its (user sentence, item sentence) text
 (language tower). Both are projected into one shared space (coarse: cosine InfoNCE) and mapped into M
-sub-spaces (fine: max-sim InfoNCE); the losses are in `ctrl/losses.py`. Only the collaborative tower goes
+sub-spaces (fine: max-sim InfoNCE); the losses are in `ctrl/align/losses.py`. Only the collaborative tower goes
 on to stage 2: it sits under the `tower.` prefix of the checkpoint's state dict.
 
-The model holds the two towers, the `AlignmentHeads` and the losses; the data serves the text. In `setup`
-the model hands its language tower to the data module (`CTRDataModule.serve_text`), which then puts each
-batch's text side in `batch["text"]`: cached vectors for a frozen tower, token ids for a trainable one, and
-cached hidden states for trainable top blocks over frozen lower ones (`cache_lower_layers`).
+The model holds the two towers, the `AlignmentHeads` and the losses; the data serves the text. What the text
+side is (`TextSide`, tabular2text/text_side.py) is decided once from the language-tower settings; in `setup`
+the model hands it, with its language tower, to the data module (`CTRDataModule.serve_text`), which then puts
+each batch's text side in `batch["text"]`: cached vectors for a frozen tower, token ids for a trainable one,
+and cached hidden states for trainable top blocks over frozen lower ones (`cache_lower_layers`).
 Run through Lightning, e.g.
 `pl.Trainer(max_epochs=5).fit(AlignmentModule(dm.feature_spec.to_dict(), towers.AutoInt), datamodule=dm)`,
-or `ctrl fit --model ctrl.module.AlignmentModule --model.backbone towers.AutoInt --data.data_dir DIR`.
+or `ctrl fit --model ctrl.align.module.AlignmentModule --model.backbone towers.AutoInt --data.data_dir DIR`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat,
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from ctrl.heads import AlignmentHeads
-from ctrl.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
-from finetune.guards import ConfigError, check_resumed_checkpoint, require_finite, stamp_checkpoint
+from ctrl.align.heads import AlignmentHeads
+from ctrl.align.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
 from tabular2text.schema import OOV, FeatureSpec
+from tabular2text.text_side import TextSide
+from towers.checkpoints import ConfigError, check_resumed_checkpoint, require_finite, stamp_checkpoint
 from towers.collaborative import CollaborativeTower, backbone_config, make_tower
 from towers.encoder import FrozenEncoder, Precision
 from towers.language import (
@@ -120,16 +122,7 @@ class AlignmentModule(pl.LightningModule):
         self.hparams.backbone = backbone_config(backbone)  # what rebuilds the tower (load_from_checkpoint, export)
         spec = FeatureSpec.from_dict(feature_spec)
         self.tower = make_tower(backbone, spec)
-        if text_granularity not in ("row", "entity"):
-            raise ValueError(f"unknown text_granularity {text_granularity!r}; use row or entity")
-        if cache_lower_layers and (trainable_layers in (0, "all") or text_granularity != "row"):
-            raise ValueError("cache_lower_layers caches the states below the trainable top blocks of row text:"
-                             f" it needs trainable_layers >= 1 (not {trainable_layers!r}) and text_granularity row")
-        if text_granularity == "entity" and trainable_layers != 0:
-            raise ValueError("text_granularity entity encodes each entity once and needs a frozen language tower;"
-                             " use trainable_layers 0 or text_granularity row")
-        if text_granularity == "entity" and spec.item_field is None:
-            raise ValueError("text_granularity entity needs an item id field in the data; use text_granularity row")
+        self.text_side = TextSide.from_settings(spec, text_granularity, trainable_layers, cache_lower_layers)
         unknown = [f for f in masked_fields if f not in spec.names or spec[f].kind == "numeric"]
         if unknown:
             raise ValueError(f"masked_fields {unknown} are not categorical or sequence fields of the data; known:"
@@ -138,15 +131,13 @@ class AlignmentModule(pl.LightningModule):
         minimum = min_max_length(model_tokenizer(language_model))
         if max_length < minimum:
             raise ConfigError(f"--model.init_args.{too_short(max_length, minimum)}")
-        if cache_lower_layers:
+        if self.text_side.serves == "states":
             self.language = TopBlocks(language_model, pooling, trainable_layers, max_length).train()
             text_dim = self.language.output_dim
-        elif trainable_layers == 0:
+        elif self.text_side.frozen:
             # Built only in setup, for the data module to fill its cache; its width is all the heads need now.
             self.language = None
-            text_dim = model_config(language_model).hidden_size
-            if text_granularity == "entity":  # [user, item, mean of the history items] (no history: 2 parts)
-                text_dim *= 3 if any(f.kind == "sequence" for f in spec.fields) else 2
+            text_dim = model_config(language_model).hidden_size * self.text_side.parts
         else:
             # train(): from_pretrained returns eval mode, which Lightning keeps, and dropout would stay off.
             self.language = LanguageTower(language_model, pooling, trainable_layers, max_length).train()
@@ -165,16 +156,16 @@ class AlignmentModule(pl.LightningModule):
         """Hand the language tower to the data module, which puts each batch's text side in `batch["text"]`:
         a frozen tower's cached vectors (encoded once, on the trainer's device, every DDP rank its share),
         or a trainable tower's token ids."""
-        hp, data = self.hparams, self.trainer.datamodule
-        if isinstance(self.language, LanguageTower):
-            data.serve_text(tokenize=self.language.tokenize)
+        hp, side, data = self.hparams, self.text_side, self.trainer.datamodule
+        if side.serves == "tokens":
+            data.serve_text(side, tokenize=self.language.tokenize)
             return
         device = self.trainer.strategy.root_device
-        lower = self.language.lower_blocks if hp.cache_lower_layers else None
+        lower = self.language.lower_blocks if side.serves == "states" else None
         if self.encoder is None or self.encoder.device != device:  # one load and fingerprint per run
             self.encoder = FrozenEncoder(LanguageTower(hp.language_model, hp.pooling, 0, hp.max_length), device,
                                          hp.text_precision, lower_blocks=lower)
-        data.serve_text(encoder=self.encoder, granularity=hp.text_granularity, states=lower is not None)
+        data.serve_text(side, encoder=self.encoder)
 
     # --- alignment ---------------------------------------------------------------------------------------
     def embed(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:

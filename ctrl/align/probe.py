@@ -4,9 +4,9 @@ Stage 1's own loss and retrieval top-1 say how well rows match their texts, not 
 a retrieval task solved by matching row identity keeps improving while transfer stops. After every stage-1
 validation this callback fits a logistic regression on the tower's output features of train rows and logs
 its AUC on the validation rows as `val/probe_auc` (a linear probe, as in representation learning). It
-draws from no global random generator, so a run with the probe trains exactly as one without it.
-
-`ValidateEvery` sets how often stage 1 validates, and so how near its threshold the retrieval-top-1 stop fires.
+draws from no global random generator, so a run with the probe trains exactly as one without it. It reads
+its rows from the trainer's own train and validation loaders (each a `TensorDictDataset` of one split), not
+from a data module by split name.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ class TransferProbe(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        data = trainer.datamodule
-        train, val = data.tensors("train"), data.tensors("val")
+        # The rows the trainer fits and validates on, whole and in split order (a loader's sampler only orders
+        # or shards them): every DDP rank probes the same rows, at any step of an epoch.
+        train, val = trainer.train_dataloader.dataset.tensors, trainer.val_dataloaders.dataset.tensors
         n = len(train["label"])
         rows = torch.linspace(0, n - 1, min(n, self.train_rows)).round().long().unique()
         auc = self.probe_auc(self.features(module, train, rows), train["label"][rows].float(),
@@ -74,22 +75,3 @@ class TransferProbe(pl.Callback):
         if not trainer.sanity_checking:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
-
-
-class ValidateEvery(pl.Callback):
-    """Validates every `steps` training steps, counted over the whole run, or at each epoch's end when an
-    epoch is shorter; it replaces `Trainer(val_check_interval, check_val_every_n_epoch)`. A stop tested at
-    each epoch's end can fire far past its threshold on a large table (hundreds of steps an epoch); a fixed
-    step interval alone would never validate a table whose whole run is shorter than it. An `EarlyStopping`
-    beside it needs `check_on_train_epoch_end=False`, so that it tests its metric after each validation.
-    """
-
-    def __init__(self, steps: int = 25) -> None:
-        if steps < 1:
-            raise ValueError(f"ValidateEvery: steps must be at least 1, got {steps}")
-        self.steps = steps
-
-    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        # read by the training loop at each batch; the fit loop set them from the trainer's options just before
-        trainer.check_val_every_n_epoch = None  # count steps over the run, not within an epoch
-        trainer.val_check_batch = min(self.steps, trainer.num_training_batches)
