@@ -63,8 +63,9 @@ def model_config(model: str) -> PretrainedConfig:
 
 def model_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """The tokenizer of `model` without loading its weights."""
+    source = resolve_model(model)  # its own errors name the folder; only the loader's mean "not found"
     try:
-        return AutoTokenizer.from_pretrained(resolve_model(model), local_files_only=True)
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:  # as model_config: a hub name that is not cached, or not a name at all
         raise FileNotFoundError(not_found(model)) from err
 
