@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import PositiveInt
 from pytorch_lightning.cli import LightningCLI
 
-from ctrl.app.lightning_cli import lightning_cli
+from ctrl.app.lightning_cli import lightning_cli, lock_run_folder, refuse_a_used_checkpoint_folder
 from ctrl.app.paths import resolve_config_path
 from finetune.export import load_scorer
 from finetune.module import DefinedAUROC, ExportBest
@@ -114,6 +114,9 @@ def fit_stage(configs: Sequence[str], out: Path, args: Sequence[str], phases: di
               phase: str) -> LightningCLI:
     """Fit one stage's config files with checkpoints (out/checkpoints) and W&B files under `out`; `args` come
     last."""
+    # as `ctrl fit` does: one fit, one folder, and no two fits in it at once
+    lock_run_folder(out)
+    refuse_a_used_checkpoint_folder(out / "checkpoints")
     with timed(phases, "prepare"):
         files = [arg for config in configs for arg in ("--config", config)]
         cli = lightning_cli([*files, "--trainer.default_root_dir", str(out), *args], run=False)

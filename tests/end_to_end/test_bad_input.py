@@ -409,6 +409,10 @@ CASES = {
         lambda tmp, run: (earlier_fit(tmp, run), fit(run, "finetune"))[1],
         ("{tmp}/run/checkpoints already holds the checkpoints of an earlier fit (best.ckpt",
          "resume the earlier fit with --ckpt_path last")),
+    "a second ctrl run into the folder of an earlier one": Case(
+        lambda tmp, run: ["run", "--config_dir", str(run / "configs"), "--data_dir", str(run / "ml-1m"), "--out",
+                          str(run / "out")],
+        ("{run}/out/align/checkpoints already holds the checkpoints of an earlier fit (best.ckpt",)),
     "a fit into a folder another fit is writing": Case(
         lambda tmp, run: (held_by_a_running_fit(tmp), fit(run, "finetune"))[1],
         ("{tmp}/run is in use by another fit (process 1)",)),
