@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import os
 import random
 import sys
@@ -21,6 +23,7 @@ from finetune.guards import STAGE_NAMES, CheckpointError, ConfigError, checkpoin
 from tabular2text.atomic import process_alive
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.schema import FeatureSpec
+from towers import backbone_name
 
 # Lightning calls a mid-epoch resume unreliable unless the DataLoader itself is stateful; here the data module
 # restores its position within the epoch (CTRDataModule.state_dict) and RandomState the random states.
@@ -96,6 +99,32 @@ def lock_run_folder(folder: Path) -> None:
     atexit.register(lock.unlink, missing_ok=True)
 
 
+STAGES = {"AlignmentModule": "align", "CTRModule": "finetune"}  # a stage's name, by its LightningModule's class
+
+
+def name_the_run(config) -> None:
+    """What a run is called follows from what it trains. Unless given: its folder (`trainer.default_root_dir`) is
+    runs/DATASET/STAGE_BACKBONE, a W&B logger's run name DATASET-STAGE-BACKBONE and its files that folder; DATASET is
+    the data directory's name (a schema file's folder's), STAGE align or finetune, BACKBONE the backbone's
+    `towers.BACKBONES` name. So `ctrl fit` of another backbone or data set never lands in the same folder."""
+    model, data, trainer = config.get("model"), config.get("data"), config.get("trainer")
+    backbone = model.get("init_args", {}).get("backbone") if model else None
+    if not (data and data.get("data_dir") and trainer is not None and getattr(backbone, "class_path", None)):
+        return
+    data_dir = Path(data.data_dir)
+    dataset = data_dir.parent.name if data_dir.suffix in (".yaml", ".yml") else data_dir.name
+    module = model.class_path.rpartition(".")[2]
+    parts = (dataset or "data", STAGES.get(module, module.lower()), backbone_name(backbone.class_path))
+    if not trainer.get("default_root_dir"):
+        trainer.default_root_dir = str(Path("runs", parts[0], "_".join(parts[1:])))
+    logger = trainer.get("logger")
+    if str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+        if not logger.init_args.get("name"):
+            logger.init_args.name = "-".join(parts)
+        if logger.init_args.get("save_dir") in (None, "", "."):  # "." is WandbLogger's default
+            logger.init_args.save_dir = trainer.default_root_dir
+
+
 class CTRLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The model gets vocabularies and field kinds from the prepared data, never from repeated YAML.
@@ -112,6 +141,8 @@ class CTRLCLI(LightningCLI):
         config = self.config.get(subcommand) if subcommand else self.config
         if config.get("data") and config.data.get("data_dir"):  # the README's examples name configs/generic/...
             config.data.data_dir = resolve_config_path(config.data.data_dir)
+        if config:
+            name_the_run(config)
         ckpt_path = config.get("ckpt_path") if config else None
         if subcommand == "fit":
             root = Path(config.trainer.default_root_dir or ".")
@@ -180,3 +211,16 @@ def lightning_cli(args: list[str] | None, run: bool = True) -> CTRLCLI:
     args = resolve_config_args(sys.argv[1:] if args is None else args)
     return CTRLCLI(datamodule_class=CTRDataModule, subclass_mode_model=True, args=args, run=run,
                    save_config_callback=LoggerSaveConfigCallback, save_config_kwargs={"overwrite": True})
+
+
+def merged_config(args: list[str]) -> dict:
+    """The config `ctrl fit ARGS` trains with, as `--print_config` shows it: every class's init_args filled in,
+    nothing built or run."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            lightning_cli(["fit", *args, "--print_config"])
+        except SystemExit as e:
+            if e.code:
+                raise ConfigError(f"these configs and options do not parse: {' '.join(args)}") from None
+    return yaml.safe_load(printed.getvalue())
