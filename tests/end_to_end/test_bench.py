@@ -17,7 +17,7 @@ import ctrl.bench
 import ctrl.pipeline
 import ctrl.report
 from ctrl.cli import main
-from ctrl.pipeline import train
+from ctrl.pipeline import stage_configs, train
 from ctrl.report import append_record, read_records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,10 +217,11 @@ def test_every_ablation_of_the_shipped_config_names_options_of_its_stages(capsys
         return yaml.safe_load(capsys.readouterr().out)
 
     configs = [printed(["bench", "--config", str(path)]) for path in sorted((ROOT / "configs/bench").glob("*.yaml"))]
-    stages = {stage: printed(["fit", "--config", str(ROOT / configs[0]["config_dir"] / f"{stage}.yaml")])
-              for stage in ("align", "finetune")}
+    assert {Path(config["config_dir"]).name for config in configs} == {"ml100k", "amazon-beauty"}
+    stages = {stage: printed(["fit", *(a for c in stage_configs(ROOT / configs[0]["config_dir"], stage, "dcn")
+                                        for a in ("--config", c))]) for stage in ("align", "finetune")}
     targets_of = {"args": ("align", "finetune"), "align_args": ("align",), "finetune_args": ("finetune",)}
-    assert len(configs) >= 2 and all(len(config["ablations"]) > 0 for config in configs)
+    assert len(configs) >= 3 and sum(len(config["ablations"]) > 0 for config in configs) >= 2
 
     def options(overlay: dict, prefix: str = "") -> list[str]:  # an overlay file's keys as --a.b.c options
         return [o for k, v in overlay.items() for o in (options(v, f"{prefix}{k}.") if isinstance(v, dict) and
