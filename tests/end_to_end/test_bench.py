@@ -84,7 +84,8 @@ def test_every_run_is_recorded_with_metrics_times_and_arguments(bench_run):
         hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
         # CTRL's stage 2 is the baseline's plus finetune_aligned.yaml, merged last: dropout 0.7, the base's 0.8
         aligned = r["variant"] == "ctrl"
-        assert Path(r["finetune_config"][-1]).name == ("finetune_aligned.yaml" if aligned else "dcn.yaml")
+        assert Path(r["finetune_config"][-1]).name == ("finetune_aligned.yaml" if aligned else "finetune.yaml")
+        assert yaml.safe_load(r["finetune_config"][1])["model"]["init_args"]["backbone"]["class_path"] == "towers.DCN"
         assert hparams["backbone"]["init_args"]["dropout"] == (0.7 if aligned else 0.8)
         if r["variant"] == "ctrl":
             assert ["--seed_everything", str(r["seed"])] == r["align_args"][:2]
