@@ -254,7 +254,7 @@ class ExportBest(pl.Callback):
         self.seconds = 0.0  # the export's wall time
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or trainer.fast_dev_run:  # a smoke run checkpoints nothing: nothing to ship
             return
         start = time.perf_counter()
         root = Path(trainer.default_root_dir)

@@ -122,7 +122,8 @@ def test_bench_report_outside_the_repository_is_written_under_the_current_folder
                 "variant": variant, "backbone": "dcn", "seed": seed, "phases": {"stage 2": 1.0},
                 "metrics": {"val/auc": auc, "test/auc": auc, "test/logloss": 0.5}, "command": "ctrl bench",
                 "overrides": {"both": [], "align": [], "finetune": []}})
-    # the shipped benchmark config, whose report is benchmarks/RESULTS.md and whose notes (benchmarks/*.md) are absent
+    # the shipped benchmark config, whose report is benchmarks/RESULTS.md (its plot under benchmarks/headline_ml100k/)
+    # and whose notes (benchmarks/*.md) are absent
     main(["bench", "--config", "configs/bench/ml100k.yaml", "--report_only", "true", "--out", "out"])
     assert "| dcn |" in (tmp_path / "benchmarks" / "RESULTS.md").read_text()
-    assert (tmp_path / "benchmarks" / "results_auc.png").is_file()
+    assert (tmp_path / "benchmarks" / "headline_ml100k" / "results_auc.png").is_file()
