@@ -8,7 +8,7 @@ written by ctrl/app/report.py).
     ctrl bench --config configs/bench/ml100k.yaml --data_dir DIR --tune true --out runs/bench-tuned
 
 With `--tune true` each arm's stage 2 is first searched on validation with the same trials (`tuning`,
-ctrl/tune.py) and the winners are the `base` and `ctrl` rows.
+ctrl/app/tune.py) and the winners are the `base` and `ctrl` rows.
 
 Each run is `ctrl.app.pipeline.train` with the shipped stage configs plus the variant's overrides and
 `--seed_everything SEED`. Every finished run appends one JSON line to `<out>/results.jsonl`; a rerun skips
