@@ -2,7 +2,8 @@
 from-scratch CTR baseline: the module is the same; what CTRL's stage 2 sets differently lives in
 configs/ml100k/finetune_aligned.yaml).
 
-    ctrl fit --config configs/ml100k/finetune.yaml --config configs/ml100k/finetune_aligned.yaml \
+    ctrl fit --config configs/stages/finetune.yaml --config configs/ml100k/finetune.yaml \
+        --config configs/ml100k/finetune_aligned.yaml \
         --model.init_args.init_from runs/.../align.ckpt
 
 The language model is never loaded here: a stage-1 checkpoint contributes only its `tower.` weights.
@@ -215,7 +216,7 @@ def load_stage2(ckpt_path: str | Path, what: str = "export", option: str = "--ck
     if stage != 2:
         kind = "a stage-1 (alignment) checkpoint" if stage == 1 else "not a ctrl-rec checkpoint"
         raise CheckpointError(f"{path} is {kind}; {what} takes a stage-2 checkpoint: fine-tune first"
-                              " (ctrl fit --config configs/ml100k/finetune.yaml --model.init_args.init_from"
+                              " (ctrl run, or ctrl fit of a stage-2 config with --model.init_args.init_from"
                               " ALIGN.ckpt) and pass its best.ckpt")
     return CTRModule.load_from_checkpoint(path, map_location="cpu")
 

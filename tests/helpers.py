@@ -13,7 +13,8 @@ from tabular2text.schema import FeatureSpec, Field
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
-CONFIGS = ROOT / "configs" / "ml100k"
+STAGES = ROOT / "configs" / "stages"  # the stages' bases, the same on every data set
+CONFIGS = ROOT / "configs" / "ml100k"  # what is ML-100K's own: its data and tuned values
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -110,9 +111,24 @@ def write_small_ml1m(directory: Path, users: int = 40, movies: int = 30, seed: i
     return directory
 
 
-def small_config(source: Path, target: Path, data_args: dict | None = None, **model_args) -> Path:
-    """The shipped config with small-data settings: the same structure a user runs."""
-    config = yaml.safe_load(source.read_text())
+def ml100k_configs(stage: str) -> list[str]:
+    """`ctrl fit` arguments of a stage on ML-100K with DCN: its base, then ML-100K's file."""
+    return ["--config", str(STAGES / f"{stage}.yaml"), "--config", str(CONFIGS / f"{stage}.yaml")]
+
+
+def ml100k_config(stage: str) -> dict:
+    """ml100k_configs(stage) as one config: a plain merge of the two files, as neither changes the backbone's
+    class (jsonargparse merges them the same)."""
+    from ctrl.app.tune import merge
+
+    return merge(yaml.safe_load((STAGES / f"{stage}.yaml").read_text()),
+                 yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()))
+
+
+def small_config(stage: str, target: Path, data_args: dict | None = None, **model_args) -> Path:
+    """The shipped config of a stage on ML-100K (base and ML-100K's file, as one) with small-data settings: the
+    same structure a user runs."""
+    config = ml100k_config(stage)
     config["trainer"]["max_epochs"] = 2
     config["data"].update(batch_size=64, **(data_args or {}))
     config["model"]["init_args"]["backbone"]["init_args"].update(embed_dim=8, mlp_dims=[32, 16])
@@ -122,14 +138,14 @@ def small_config(source: Path, target: Path, data_args: dict | None = None, **mo
 
 
 def small_config_dir(target: Path, bert_dir: str, text_cache_dir: Path) -> Path:
-    """A config directory as `ctrl run` and `ctrl bench` read it: the shipped stage bases with small-data
-    settings (a tiny BERT as the language tower), the shipped backbone overlays and CTRL's stage-2 overlay."""
+    """A config directory as `ctrl run` and `ctrl bench` read it: each stage's shipped config on ML-100K with
+    small-data settings (a tiny BERT as the language tower; merged after the stage's base and the backbone chosen by
+    name, it holds every setting) and CTRL's stage-2 overlay. No backbone's own overlay: each states full-size
+    init_args."""
     target.mkdir()
-    small_config(CONFIGS / "align.yaml", target / "align.yaml", {"text_cache_dir": str(text_cache_dir)},
+    small_config("align", target / "align.yaml", {"text_cache_dir": str(text_cache_dir)},
                  language_model=bert_dir, warmup_steps=2)
-    small_config(CONFIGS / "finetune.yaml", target / "finetune.yaml")
-    for stage in ("align", "finetune"):
-        shutil.copytree(CONFIGS / stage, target / stage)
+    small_config("finetune", target / "finetune.yaml")
     shutil.copy(CONFIGS / "finetune_aligned.yaml", target)
     return target
 

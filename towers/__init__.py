@@ -16,6 +16,8 @@ from towers.collaborative import (
     FiBiNet,
     WideDeep,
     XDeepFM,
+    backbone_name,
+    named_backbone,
 )
 from towers.embedding import FieldEmbedding
 from towers.mlp import MLP
@@ -35,4 +37,6 @@ __all__ = [
     "FieldEmbedding",
     "WideDeep",
     "XDeepFM",
+    "backbone_name",
+    "named_backbone",
 ]

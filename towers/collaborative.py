@@ -380,6 +380,22 @@ BACKBONES: dict[str, type[CollaborativeTower]] = {
 }
 
 
+def named_backbone(name: str) -> dict:
+    """The backbone a name of `BACKBONES` picks, as a config's `model.init_args.backbone`: its public class_path
+    and all of its own constructor defaults, so nothing of another backbone's settings carries over to it."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    config = backbone_config(BACKBONES[name])
+    return {"class_path": f"towers.{BACKBONES[name].__name__}", "init_args": config["init_args"]}
+
+
+def backbone_name(class_path: str) -> str:
+    """The `BACKBONES` name of a backbone's class_path (towers.DCN -> dcn); another class's name in lower case."""
+    names = {cls.__name__: name for name, cls in BACKBONES.items()}
+    last = class_path.rpartition(".")[2]
+    return names.get(last, last.lower())
+
+
 class CTRModel(nn.Module):
     """A collaborative tower plus a fresh linear output layer.
 

@@ -10,9 +10,9 @@ resident memory (max RSS) are the process's own:
                  counted, the cache array for all of them is created memory-mapped, and the first
                  `--row_texts` pairs are encoded into it with `FrozenEncoder` (text_precision auto): the memory
                  profile of the full job, for a measured share of its time;
-  stage1_entity  `ctrl fit` of configs/ml100k/align.yaml, 1 epoch, text_granularity entity (one text per
+  stage1_entity  `ctrl fit` of configs/stages/ + ml100k/align.yaml, 1 epoch, text_granularity entity (one text per
                  user and per item, encoding included);
-  stage2         `ctrl fit` of configs/ml100k/finetune.yaml, 1 epoch, from stage 1's checkpoint.
+  stage2         `ctrl fit` of configs/stages/ + ml100k/finetune.yaml, 1 epoch, from stage 1's checkpoint.
 Prints a markdown table of the phases; `scale.md` holds it with the extrapolation.
 """
 
@@ -80,18 +80,20 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
     root.mkdir(parents=True)
     env = {**os.environ, "CTRL_CACHE_DIR": str(root / "cache"), "WANDB_MODE": "offline"}
     ctrl = [sys.executable, "-m", "ctrl.app.cli"]
-    configs = Path(__file__).resolve().parents[2] / "configs" / "ml100k"
+    configs, stages = (Path(__file__).resolve().parents[2] / "configs" / name for name in ("ml100k", "stages"))
     results = {}
     results["prepare"] = timed([*ctrl, "prepare", "--data_dir", data_dir], root / "prepare.log", env)
     results["encode_rows"] = timed([sys.executable, "-c", ENCODE_ROWS, data_dir, str(row_texts),
                                     str(root / "row-vectors.npy")], root / "encode_rows.log", env)
     results["encode_rows"].update(json.loads(results["encode_rows"]["stdout"].strip().splitlines()[-1]))
     common = ["--data.data_dir", data_dir, "--trainer.max_epochs", "1", "--trainer.logger", "false"]
-    results["stage1_entity"] = timed([*ctrl, "fit", "--config", str(configs / "align.yaml"), *common,
+    results["stage1_entity"] = timed([*ctrl, "fit", "--config", str(stages / "align.yaml"), "--config",
+                                      str(configs / "align.yaml"), *common,
                                       "--model.init_args.text_granularity", "entity",
                                       "--trainer.default_root_dir", str(root / "align")],
                                      root / "stage1.log", env)
-    results["stage2"] = timed([*ctrl, "fit", "--config", str(configs / "finetune.yaml"), *common,
+    results["stage2"] = timed([*ctrl, "fit", "--config", str(stages / "finetune.yaml"), "--config",
+                               str(configs / "finetune.yaml"), *common,
                                "--model.init_args.init_from", str(root / "align" / "checkpoints" / "best.ckpt"),
                                "--trainer.default_root_dir", str(root / "finetune")], root / "stage2.log", env)
     meta = json.loads(next((root / "cache" / "prepared").glob("*/meta.json")).read_text())

@@ -24,6 +24,7 @@ from tabular2text.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "ml100k"
+STAGES = ROOT / "configs" / "stages"
 
 
 def align(batch: int, eval_batch: int, epochs: int, tau: float, *extra: str) -> list[str]:
@@ -45,14 +46,14 @@ def one(name: str, data_dir: str, out: Path) -> dict:
               "--trainer.enable_progress_bar", "false"]
     start, init, stage1 = time.perf_counter(), [], {}
     if RUNS[name] is not None:
-        cli = lightning_cli(["--config", str(CONFIGS / "align.yaml"), *common, "--trainer.default_root_dir",
-                             str(out / name / "align"), *RUNS[name]], run=False)
+        cli = lightning_cli(["--config", str(STAGES / "align.yaml"), "--config", str(CONFIGS / "align.yaml"), *common,
+                             "--trainer.default_root_dir", str(out / name / "align"), *RUNS[name]], run=False)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         init = ["--model.init_args.init_from", cli.trainer.checkpoint_callback.best_model_path]
         stage1 = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     stage1_s = time.perf_counter() - start
-    cli = lightning_cli(["--config", str(CONFIGS / "finetune.yaml"), *common, "--trainer.default_root_dir",
-                         str(out / name / "finetune"), *init], run=False)
+    cli = lightning_cli(["--config", str(STAGES / "finetune.yaml"), "--config", str(CONFIGS / "finetune.yaml"), *common,
+                         "--trainer.default_root_dir", str(out / name / "finetune"), *init], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     (test,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     return {"name": name, "overrides": RUNS[name], "val_auc": float(cli.trainer.checkpoint_callback.best_model_score),

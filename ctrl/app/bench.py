@@ -8,7 +8,7 @@ written by ctrl/app/report.py).
     ctrl bench --config configs/bench/ml100k.yaml --data_dir DIR --tune true --out runs/bench-tuned
 
 With `--tune true` each arm's stage 2 is first searched on validation with the same trials (`tuning`,
-ctrl/tune.py) and the winners are the `base` and `ctrl` rows.
+ctrl/app/tune.py) and the winners are the `base` and `ctrl` rows.
 
 Each run is `ctrl.app.pipeline.train` with the shipped stage configs plus the variant's overrides and
 `--seed_everything SEED`. Every finished run appends one JSON line to `<out>/results.jsonl`; a rerun skips
@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ctrl.align.probe import TransferProbe
+from ctrl.app.lightning_cli import merged_config
 from ctrl.app.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, stage_configs, timed, train
 from ctrl.app.report import BASE, CTRL, append_record, command_line, machine, read_records, write_report
 from ctrl.app.tune import TUNING, Tuning, choose, draw_trials, grid_record, trial_args, trial_name, write_overlays
@@ -72,9 +73,8 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
 
     Args:
         data_dir: overrides data.data_dir of every stage config.
-        config_dir: holds align.yaml and finetune.yaml (the stages' bases), align/BACKBONE.yaml,
-            finetune/BACKBONE.yaml (one overlay per backbone) and optionally finetune_aligned.yaml (CTRL's stage 2
-            over the baseline's settings), as `ctrl run` reads them.
+        config_dir: a data set's configs, merged over the stages' bases and the backbone chosen by name, as
+            `ctrl run` reads them (`ctrl.app.pipeline.stage_configs`).
         args: overrides of both stages of every run, e.g. ["--trainer.logger", "false"].
         out: one folder per run (`out/VARIANT/BACKBONE/seedN`) and results.jsonl, one line per finished run.
         backbones: backbones of base and ctrl.
@@ -168,7 +168,10 @@ def tuned(plan: list[tuple[Variant, dict]], tuning: Tuning, backbones: tuple[str
             why = (f"Written by `{command_line()}` from {results}: {arm.name}'s stage 2 for {backbone}, trial {best}"
                    f" of {len(trials)} ({settings}), the best mean validation AUC ({score['val_auc']:.4f}) over"
                    f" seeds {score['seeds']}. To ship it, copy it to the same path under your config directory.")
-            overlay = write_overlays(out / "tuned", config_dir, backbone, arm.align, values, why)
+            winner = next(r for r in records if (r["variant"], r["backbone"]) == (trial_name(arm.name, best), backbone))
+            trained = merged_config([*(a for c in winner["finetune_config"] for a in ("--config", c)),
+                                     *winner["finetune_args"]])
+            overlay = write_overlays(out / "tuned", config_dir, backbone, arm.align, values, trained, why)
             print(f"bench: {arm.name}/{backbone}: trial {best} chosen on validation AUC -> {overlay}")
             winners[arm.name].append((
                 Variant(arm.name, arm.align, arm.args, arm.align_args, [*arm.finetune_args, *trial_args(values)],
@@ -232,7 +235,7 @@ def aligned(configs: list[str], args: list[str], root: Path) -> dict:
     only in stage 2 start from the same stage-1 checkpoint. Returns its checkpoint, stage-1 metrics (best
     val/loss, the last epoch's other val/ metrics), per-epoch curve, epochs, phases, folder and whether it
     was reused."""
-    content = [Path(c).read_text() for c in configs]
+    content = [c if c.startswith("{") else Path(c).read_text() for c in configs]  # the backbone's YAML, or a file
     key = hashlib.sha256(json.dumps({"config": content, "args": args}).encode()).hexdigest()
     folder = root / key[:16]
     record = folder / "stage1.json"

@@ -15,7 +15,7 @@ W&B runs offline unless WANDB_API_KEY is set (no prompt, no network). CTRL_VERBO
 notices that say nothing about the run (ctrl/console.py).
 
 Config files and examples named `configs/...` are read from the copy shipped with the package when the current
-folder has none (ctrl/paths.py), so every command runs from any folder.
+folder has none (ctrl/app/paths.py), so every command runs from any folder.
 
 Data errors print one clear line and exit with status 2; nothing is half-written.
 """

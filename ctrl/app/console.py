@@ -1,6 +1,6 @@
 """What `ctrl` prints: its phases, progress bars and metrics. Library notices that say nothing about the run are
 dropped here, each by its message and the module that emits it, unless CTRL_VERBOSE=1; the causes that were
-ctrl-rec's own are removed where they arise instead (ctrl/lightning.py: `CTRLCLI.parse_arguments`,
+ctrl-rec's own are removed where they arise instead (ctrl/app/lightning_cli.py: `CTRLCLI.parse_arguments`,
 `quiet_wandb_init`)."""
 
 from __future__ import annotations

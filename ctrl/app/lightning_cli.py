@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import os
 import random
 import sys
@@ -22,6 +24,7 @@ from tabular2text.atomic import process_alive
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.oserrors import origin
 from tabular2text.schema import FeatureSpec
+from towers import backbone_name
 from towers.checkpoints import STAGE_NAMES, CheckpointError, ConfigError, checkpoint_stage, read_checkpoint
 
 # Lightning calls a mid-epoch resume unreliable unless the DataLoader itself is stateful; here the data module
@@ -98,15 +101,36 @@ def lock_run_folder(folder: Path) -> None:
     atexit.register(lock.unlink, missing_ok=True)
 
 
-def logs_under_root(trainer, root: Path) -> None:
-    """Everything a run writes goes under its own folder: a logger's save_dir that is not set (or the logger's
-    default ".") becomes `trainer.default_root_dir`, so W&B files and config.yaml (written to the first logger's
-    save_dir) of two runs in one working directory never meet. Derived here, in one place; no config sets it."""
+STAGES = {"AlignmentModule": "align", "CTRModule": "finetune"}  # a stage's name, by its LightningModule's class
+
+
+def name_the_run(config) -> Path:
+    """What a run is called and where it writes follow from what it trains, derived here, in one place; no
+    shipped config sets them. Unless given: its folder (`trainer.default_root_dir`) is runs/DATASET/STAGE_BACKBONE
+    and a W&B logger's run name DATASET-STAGE-BACKBONE; DATASET is the data directory's name (a schema file's
+    folder's), STAGE align or finetune, BACKBONE the backbone's `towers.BACKBONES` name. So `ctrl fit` of another
+    backbone or data set never lands in the same folder. Then every logger whose save_dir is not set (or is the
+    logger's default ".") writes under that folder, so W&B files and config.yaml (written to the first logger's
+    save_dir) of two runs in one working directory never meet. Returns the run's folder."""
+    model, data, trainer = config.get("model"), config.get("data"), config.get("trainer")
+    backbone = model.get("init_args", {}).get("backbone") if model else None
+    if data and data.get("data_dir") and getattr(backbone, "class_path", None):
+        data_dir = Path(data.data_dir)
+        dataset = data_dir.parent.name if data_dir.suffix in (".yaml", ".yml") else data_dir.name
+        module = model.class_path.rpartition(".")[2]
+        parts = (dataset or "data", STAGES.get(module, module.lower()), backbone_name(backbone.class_path))
+        if not trainer.get("default_root_dir"):
+            trainer.default_root_dir = str(Path("runs", parts[0], "_".join(parts[1:])))
+        logger = trainer.get("logger")
+        if str(getattr(logger, "class_path", "")).endswith("WandbLogger") and not logger.init_args.get("name"):
+            logger.init_args.name = "-".join(parts)
+    root = origin(trainer.default_root_dir or ".", "--trainer.default_root_dir")
     loggers = trainer.get("logger")
     for logger in loggers if isinstance(loggers, list) else [loggers]:
         init_args = getattr(logger, "init_args", None)
-        if init_args is not None and init_args.get("save_dir") in (None, ".", "./"):
+        if init_args is not None and init_args.get("save_dir") in (None, "", ".", "./"):
             init_args.save_dir = str(root)
+    return root
 
 
 def refuse_training_nothing(trainer) -> None:
@@ -135,10 +159,9 @@ class CTRLCLI(LightningCLI):
         if config.get("data") and config.data.get("data_dir"):  # the README's examples name configs/generic/...
             config.data.data_dir = resolve_config_path(config.data.data_dir)
         ckpt_path = config.get("ckpt_path") if config else None
-        settings = config if subcommand else self.config  # run=False (ctrl run) parses without a subcommand
-        if settings is not None and "trainer" in settings:
-            root = origin(settings.trainer.default_root_dir or ".", "--trainer.default_root_dir")
-            logs_under_root(settings.trainer, root)
+        # run=False (ctrl run) parses without a subcommand: `config` is then the whole config
+        if config is not None and "trainer" in config:
+            root = name_the_run(config)
         if subcommand == "fit":
             refuse_training_nothing(config.trainer)
             lock_run_folder(root)
@@ -208,3 +231,16 @@ def lightning_cli(args: list[str] | None, run: bool = True) -> CTRLCLI:
     refuse_renamed_in_args(args)
     return CTRLCLI(datamodule_class=CTRDataModule, subclass_mode_model=True, args=args, run=run,
                    save_config_callback=LoggerSaveConfigCallback, save_config_kwargs={"overwrite": True})
+
+
+def merged_config(args: list[str]) -> dict:
+    """The config `ctrl fit ARGS` trains with, as `--print_config` shows it: every class's init_args filled in,
+    nothing built or run."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            lightning_cli(["fit", *args, "--print_config"])
+        except SystemExit as e:
+            if e.code:
+                raise ConfigError(f"these configs and options do not parse: {' '.join(args)}") from None
+    return yaml.safe_load(printed.getvalue())

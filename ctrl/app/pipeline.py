@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from jsonargparse.typing import PositiveInt
 from pytorch_lightning.cli import LightningCLI
 
@@ -25,6 +26,7 @@ from finetune.export import load_scorer
 from finetune.module import DefinedAUROC, ExportBest
 from tabular2text.prepare import labelled_splits
 from tabular2text.sources import read_table
+from towers import named_backbone
 from towers.checkpoints import ConfigError
 
 
@@ -61,26 +63,38 @@ class Stages:
 
 
 ALIGNED_OVERLAY = "finetune_aligned.yaml"
+STAGE_BASES = "configs/stages"  # the stages' data-set-independent bases, shipped with the package
 
 
 def stage_configs(config_dir: str | Path, stage: str, backbone: str, aligned: bool = False) -> list[str]:
-    """The config files of one stage, in the order LightningCLI merges them: the stage's base
-    (`DIR/align.yaml` or `DIR/finetune.yaml`), the backbone's overlay (`DIR/align/BACKBONE.yaml`) and, for a
-    stage 2 that starts from stage 1 (`aligned`), `DIR/finetune_aligned.yaml` when the directory has one: what
-    CTRL's stage 2 changes over the from-scratch baseline's settings; then `DIR/finetune_aligned/BACKBONE.yaml`
-    when there is one: CTRL's stage 2 for that backbone alone (what `ctrl bench --tune true` chose). A
-    `configs/...` directory absent here is the copy shipped with the package."""
+    """The configs of one stage, in the order LightningCLI merges them (`--config` each):
+
+    1. the stage's base, the same on every data set (`configs/stages/align.yaml` or `finetune.yaml`);
+    2. the backbone by name, as a YAML string: its class_path and all of its own defaults (`towers.named_backbone`);
+    3. the config directory's `DIR/STAGE.yaml`, when there is one: the data set's data and its values for every
+       backbone;
+    4. `DIR/STAGE/BACKBONE.yaml`, when there is one: that backbone's own tuned values (it states its class_path and
+       all of its init_args);
+    5. for a stage 2 that starts from stage 1 (`aligned`): `DIR/finetune_aligned.yaml`, what CTRL's stage 2 changes
+       over the baseline's settings, then `DIR/finetune_aligned/BACKBONE.yaml`, the same for that backbone alone
+       (what `ctrl bench --tune true` chose), each when there is one.
+
+    A `configs/...` path absent here is the copy shipped with the package."""
     d = Path(resolve_config_path(str(config_dir)))
+    if not d.is_dir():
+        raise ConfigError(f"--config_dir {config_dir}: no such directory (it holds a data set's configs, e.g."
+                          " configs/ml100k)")
+    try:
+        chosen = named_backbone(backbone)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    choice = yaml.safe_dump({"model": {"init_args": {"backbone": chosen}}}, default_flow_style=True, width=10**4)
     files = [d / f"{stage}.yaml", d / stage / f"{backbone}.yaml"]
-    for path in files:
-        if not path.is_file():
-            known = sorted(p.stem for p in (d / stage).glob("*.yaml"))
-            raise ConfigError(f"{path} does not exist: a config directory holds {stage}.yaml and one overlay per"
-                              f" backbone in {stage}/ (in {d}: {', '.join(known) or 'none'})")
     if stage == "finetune" and aligned:
         # the more specific last: the backbone's own aligned overlay overrides the one for all backbones
-        files += [p for p in (d / ALIGNED_OVERLAY, d / Path(ALIGNED_OVERLAY).stem / f"{backbone}.yaml") if p.is_file()]
-    return [str(p) for p in files]
+        files += [d / ALIGNED_OVERLAY, d / Path(ALIGNED_OVERLAY).stem / f"{backbone}.yaml"]
+    base = resolve_config_path(f"{STAGE_BASES}/{stage}.yaml")
+    return [base, choice.strip(), *(str(p) for p in files if p.is_file())]
 
 
 def train(*, finetune: Sequence[str], align: Sequence[str] | None = None, out: Path, align_args: Sequence[str] = (),
@@ -131,11 +145,12 @@ def run(*, backbone: str = "dcn", config_dir: str = "configs/ml100k", baseline: 
     """Run CTRL end to end and print the exported model's test metrics.
 
     Args:
-        backbone: the collaborative model: wide_deep, deepfm, dcn, autoint, dcnv2, xdeepfm, fibinet, pnn, din
-            (an overlay in CONFIG_DIR/align/ and CONFIG_DIR/finetune/).
-        config_dir: holds align.yaml and finetune.yaml (the stages' bases), align/, finetune/ (the overlays) and
-            optionally finetune_aligned.yaml (CTRL's stage 2 over the baseline's settings) and
-            finetune_aligned/BACKBONE.yaml (the same for one backbone, e.g. as `ctrl bench --tune true` writes it).
+        backbone: the collaborative model, by name: wide_deep, deepfm, dcn, autoint, dcnv2, xdeepfm, fibinet, pnn,
+            din (towers.BACKBONES; its class and own defaults, then what CONFIG_DIR tuned for it).
+        config_dir: a data set's configs, each optional (`stage_configs`): align.yaml and finetune.yaml (its data
+            and values for every backbone), finetune/BACKBONE.yaml (one backbone's tuned values),
+            finetune_aligned.yaml (CTRL's stage 2 over the baseline's settings) and finetune_aligned/BACKBONE.yaml
+            (the same for one backbone, e.g. as `ctrl bench --tune true` writes it).
         baseline: skip stage 1: the backbone trained from scratch.
         data_dir: overrides data.data_dir of both stages.
         out: directory for checkpoints, W&B files and the export.

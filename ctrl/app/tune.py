@@ -5,9 +5,10 @@ For each backbone, the baseline (stage 2 from scratch) and CTRL (stage 2 from th
 the same list of trials, drawn once from a grid of dropout x learning rate x weight decay, on the tuning seeds;
 per (arm, backbone) the trial with the best mean validation AUC wins (`ctrl.app.report.tuning_winner`; test metrics
 are never read), and the winners become the benchmark's `base` and `ctrl` rows. The winners are also written as
-config overlays a user can ship (`write_overlays`): OUT/tuned/finetune/BACKBONE.yaml (the baseline's backbone
-overlay with its chosen values) and OUT/tuned/finetune_aligned/BACKBONE.yaml (CTRL's stage 2), in the shape of
-a config directory, so `cp -r OUT/tuned/. CONFIG_DIR/` ships them (`ctrl.app.pipeline.stage_configs` reads both).
+config overlays a user can ship (`write_overlays`: the backbone's class_path and all of its init_args, and the
+chosen values): OUT/tuned/finetune/BACKBONE.yaml (the baseline's) and OUT/tuned/finetune_aligned/BACKBONE.yaml
+(CTRL's stage 2), in the shape of a config directory, so `cp -r OUT/tuned/. CONFIG_DIR/` ships them
+(`ctrl.app.pipeline.stage_configs` reads both).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import yaml
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
+from ctrl.app.paths import resolve_config_path
 from ctrl.app.pipeline import ALIGNED_OVERLAY
 from ctrl.app.report import trial_scores, tuning_winner
 from tabular2text.atomic import atomic_write_text
@@ -116,27 +118,29 @@ def merge(into: dict, update: dict) -> dict:
 
 
 def write_overlays(tuned_dir: Path, config_dir: Path, backbone: str, arm_align: bool, values: dict[str, float],
-                   why: str) -> Path:
-    """Write an arm's chosen values as the overlay `ctrl run --config_dir` reads, and return its path.
+                   trained: dict, why: str) -> Path:
+    """Write an arm's chosen values as the overlay `ctrl run --config_dir` reads, and return its path. Like every
+    backbone overlay it states the backbone's class_path and all of its init_args: those the winning trial trained
+    with (`trained`, its merged config), so the overlay rebuilds that model whatever the files before it say.
 
     The baseline's (arm_align false) is `tuned_dir/finetune/BACKBONE.yaml`: the config directory's own backbone
-    overlay with the chosen values set, so copying it over the old one keeps the backbone and its run folder.
-    CTRL's is `tuned_dir/finetune_aligned/BACKBONE.yaml`: only the chosen values, merged after finetune_aligned.yaml
-    when stage 2 starts from stage 1, so it holds all three whatever the baseline's overlay says.
+    overlay, when it has one (e.g. a tuned batch size), with the backbone and the chosen values set. CTRL's is
+    `tuned_dir/finetune_aligned/BACKBONE.yaml`: the backbone and the chosen values, merged after
+    finetune_aligned.yaml when stage 2 starts from stage 1.
     """
-    chosen: dict = {}
+    chosen: dict = {"model": {"init_args": {"backbone": trained["model"]["init_args"]["backbone"]}}}
     for name, value in values.items():
         merge(chosen, nested(TUNED_OPTIONS[name], value))
-    if arm_align:
-        path = tuned_dir / Path(ALIGNED_OVERLAY).stem / f"{backbone}.yaml"
-        content = chosen
-    else:
-        path = tuned_dir / "finetune" / f"{backbone}.yaml"
-        source = config_dir / "finetune" / f"{backbone}.yaml"
+    stage = Path(ALIGNED_OVERLAY).stem if arm_align else "finetune"
+    path = tuned_dir / stage / f"{backbone}.yaml"
+    content: dict = {}
+    source = Path(resolve_config_path(str(config_dir))) / "finetune" / f"{backbone}.yaml"
+    if not arm_align and source.is_file():
         content = yaml.safe_load(source.read_text()) or {}
         if not isinstance(content, dict):
             raise ConfigError(f"{source} is no mapping of options; it cannot take the tuned values")
-        merge(content, chosen)
+        content.get("model", {}).get("init_args", {}).pop("backbone", None)  # replaced whole, never merged
+    merge(content, chosen)
     # wrapped, so the shipped file reads like the hand-written overlays beside it
     header = "".join(f"# {line}\n" for line in textwrap.wrap(why, 116, break_long_words=False, break_on_hyphens=False))
     path.parent.mkdir(parents=True, exist_ok=True)

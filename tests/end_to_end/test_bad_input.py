@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from helpers import CONFIGS, GENERIC_CSV, GENERIC_SCHEMA, ML100K, write_generic, write_small_ml1m
+from helpers import CONFIGS, GENERIC_CSV, GENERIC_SCHEMA, ML100K, ml100k_configs, write_generic, write_small_ml1m
 
 import ctrl.app.cli
 from ctrl.app.cli import main
@@ -719,7 +719,7 @@ SETTINGS = [
 @pytest.mark.parametrize(("config", "option", "value"), SETTINGS)
 def test_impossible_settings_are_refused_before_any_work(capsys, config, option, value):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(CONFIGS / f"{config}.yaml"), option, value, "--print_config"])
+        main(["fit", *ml100k_configs(config), option, value, "--print_config"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and option.rsplit(".", 1)[1] in err and "does not conform to restriction" in err
 
@@ -730,12 +730,16 @@ def test_run_refuses_zero_epochs(capsys):
     assert exit_info.value.code == 2 and "max_epochs_finetune" in capsys.readouterr().err
 
 
-def test_run_names_a_missing_backbone_overlay(capsys):
+def test_run_names_an_unknown_backbone_and_a_missing_config_dir(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--backbone", "dnc", "--config_dir", str(CONFIGS)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
-    assert "finetune/dnc.yaml does not exist" in err and "autoint, dcn, dcnv2, deepfm, din" in err
+    assert "unknown backbone 'dnc'; known: wide_deep, deepfm, dcn, autoint, dcnv2" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--backbone", "dcn", "--config_dir", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "nowhere: no such directory" in err, err
 
 
 def test_an_error_ctrl_rec_does_not_know_still_ends_in_one_line(monkeypatch, capsys):

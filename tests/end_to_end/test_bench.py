@@ -17,7 +17,7 @@ import ctrl.app.bench
 import ctrl.app.pipeline
 import ctrl.app.report
 from ctrl.app.cli import main
-from ctrl.app.pipeline import train
+from ctrl.app.pipeline import stage_configs, train
 from ctrl.app.report import append_record, read_records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +84,8 @@ def test_every_run_is_recorded_with_metrics_times_and_arguments(bench_run):
         hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
         # CTRL's stage 2 is the baseline's plus finetune_aligned.yaml, merged last: dropout 0.7, the base's 0.8
         aligned = r["variant"] == "ctrl"
-        assert Path(r["finetune_config"][-1]).name == ("finetune_aligned.yaml" if aligned else "dcn.yaml")
+        assert Path(r["finetune_config"][-1]).name == ("finetune_aligned.yaml" if aligned else "finetune.yaml")
+        assert yaml.safe_load(r["finetune_config"][1])["model"]["init_args"]["backbone"]["class_path"] == "towers.DCN"
         assert hparams["backbone"]["init_args"]["dropout"] == (0.7 if aligned else 0.8)
         if r["variant"] == "ctrl":
             assert ["--seed_everything", str(r["seed"])] == r["align_args"][:2]
@@ -217,10 +218,11 @@ def test_every_ablation_of_the_shipped_config_names_options_of_its_stages(capsys
         return yaml.safe_load(capsys.readouterr().out)
 
     configs = [printed(["bench", "--config", str(path)]) for path in sorted((ROOT / "configs/bench").glob("*.yaml"))]
-    stages = {stage: printed(["fit", "--config", str(ROOT / configs[0]["config_dir"] / f"{stage}.yaml")])
-              for stage in ("align", "finetune")}
+    assert {Path(config["config_dir"]).name for config in configs} == {"ml100k", "amazon-beauty"}
+    stages = {stage: printed(["fit", *(a for c in stage_configs(ROOT / configs[0]["config_dir"], stage, "dcn")
+                                        for a in ("--config", c))]) for stage in ("align", "finetune")}
     targets_of = {"args": ("align", "finetune"), "align_args": ("align",), "finetune_args": ("finetune",)}
-    assert len(configs) >= 2 and all(len(config["ablations"]) > 0 for config in configs)
+    assert len(configs) >= 3 and sum(len(config["ablations"]) > 0 for config in configs) >= 2
 
     def options(overlay: dict, prefix: str = "") -> list[str]:  # an overlay file's keys as --a.b.c options
         return [o for k, v in overlay.items() for o in (options(v, f"{prefix}{k}.") if isinstance(v, dict) and

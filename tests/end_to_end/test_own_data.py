@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
+from helpers import ml100k_configs
 
 from ctrl.app.cli import main
 from finetune.export import export_model, load_scorer
@@ -159,7 +160,7 @@ def test_model_onnx_scores_the_test_split_as_torch_does(tmp_path, ml100k_spec_an
 def test_ctrl_score_new_rows_from_csv_and_parquet(tmp_path, capsys):
     """A model trained with `ctrl fit` scores a file of raw rows: from the checkpoint or its export, the same
     probabilities; the ids and the label (by the training rule) come along; a bad value is one line."""
-    main(["fit", "--config", str(ROOT / "configs" / "ml100k" / "finetune.yaml"), "--data.data_dir", str(ML100K),
+    main(["fit", *ml100k_configs("finetune"), "--data.data_dir", str(ML100K),
           "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path),
           "--trainer.logger", "false", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5"])
     ckpt = tmp_path / "checkpoints" / "best.ckpt"

@@ -31,11 +31,11 @@ def test_a_path_that_exists_wins_else_configs_names_the_shipped_copy(tmp_path, m
     for as_given in ("configs/ml100k/nope.yaml", "elsewhere/align.yaml", "/nowhere/configs/ml100k/align.yaml", ""):
         assert resolve_config_path(as_given) == as_given  # what the error that follows names
     args = ["fit", "--config", "configs/bench/ml100k.yaml", "--config=configs/ml100k/finetune.yaml", "-c",
-            "configs/ml100k/finetune/dcn.yaml", "--data.data_dir", "configs/generic/schema.yaml", "--config"]
+            "configs/ml100k/finetune/deepfm.yaml", "--data.data_dir", "configs/generic/schema.yaml", "--config"]
     shipped = str(ROOT / "configs" / "ml100k")
     assert resolve_config_args(args) == [
         "fit", "--config", str(ROOT / "configs/bench/ml100k.yaml"), f"--config={shipped}/finetune.yaml", "-c",
-        f"{shipped}/finetune/dcn.yaml", "--data.data_dir", "configs/generic/schema.yaml", "--config"]
+        f"{shipped}/finetune/deepfm.yaml", "--data.data_dir", "configs/generic/schema.yaml", "--config"]
 
 
 def test_readme_examples_of_configs_run_from_another_folder(tmp_path, monkeypatch, capsys):
@@ -45,8 +45,9 @@ def test_readme_examples_of_configs_run_from_another_folder(tmp_path, monkeypatc
     assert "This is a user" in capsys.readouterr().out
     from ctrl.app.lightning_cli import lightning_cli
 
-    cli = lightning_cli(["--config", "configs/ml100k/finetune.yaml", "--config", "configs/ml100k/finetune/deepfm.yaml",
-                         "--data.data_dir", "configs/recbole/shop", "--trainer.logger", "false"], run=False)
+    cli = lightning_cli(["--config", "configs/stages/finetune.yaml", "--config", "configs/ml100k/finetune.yaml",
+                         "--config", "configs/ml100k/finetune/deepfm.yaml", "--data.data_dir", "configs/recbole/shop",
+                         "--trainer.logger", "false"], run=False)
     assert type(cli.model.model.tower).__name__ == "DeepFM"
     assert cli.datamodule.hparams.data_dir == str(ROOT / "configs" / "recbole" / "shop")
     assert not (tmp_path / "configs").exists()

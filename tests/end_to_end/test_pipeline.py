@@ -10,26 +10,52 @@ import yaml
 from helpers import small_config, wandb_records, write_small_ml1m  # noqa: F401 (shared)
 
 from ctrl.app.cli import main
+from ctrl.app.pipeline import stage_configs
 from finetune.export import load_model
+from towers import BACKBONES, named_backbone
 from towers.checkpoints import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs" / "ml100k").glob("*.yaml"))
+# the config directories of the shipped benchmarks: one per data set
+DATA_SETS = sorted({yaml.safe_load(p.read_text())["config_dir"] for p in (ROOT / "configs" / "bench").glob("*.yaml")})
+STAGES = [("align", False), ("finetune", False), ("finetune", True)]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_every_config_parses(config, capsys):
-    """Each stage base alone; an overlay of a stage (`finetune_aligned.yaml`) on top of its base."""
-    stage = config.stem.split("_")[0]
-    files = [config] if config.stem == stage else [config.with_name(f"{stage}.yaml"), config]
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *(a for f in files for a in ("--config", str(f))), "--print_config"])
-    assert exit_info.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"]["backbone"]["class_path"].startswith("towers.")
-    assert "feature_spec" not in printed["model"]["init_args"]  # linked from the data, never in YAML
-    if config.stem == "finetune_aligned":  # CTRL's stage 2 over the baseline's settings
-        assert printed["model"]["init_args"]["backbone"]["init_args"]["dropout"] == 0.7
+@pytest.mark.parametrize("config_dir", DATA_SETS)
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_stage_of_every_data_set_and_backbone_parses(config_dir, backbone, capsys):
+    """What `ctrl run --backbone B --config_dir D` merges, for each stage: the backbone's own class and its own
+    init_args (no other backbone's), the data set's tuned values only where it has them."""
+    for stage, aligned in STAGES:
+        configs = stage_configs(ROOT / config_dir, stage, backbone, aligned)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *(a for c in configs for a in ("--config", c)), "--print_config"])
+        assert exit_info.value.code == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        chosen = printed["model"]["init_args"]["backbone"]
+        assert chosen["class_path"] == named_backbone(backbone)["class_path"]
+        assert chosen["init_args"].keys() == named_backbone(backbone)["init_args"].keys()
+        assert "feature_spec" not in printed["model"]["init_args"]  # linked from the data, never in YAML
+        dropout = {"ml100k": {"align": 0.1, "finetune": 0.7 if aligned else 0.8}}  # what was tuned there
+        assert chosen["init_args"]["dropout"] == dropout.get(Path(config_dir).name, {}).get(stage, 0.1)
+
+
+def test_every_shipped_config_is_used_by_a_test_or_a_benchmark():
+    """configs/ holds nothing that could rot unseen: the stages' bases and each data set's files are what
+    `ctrl run` / `ctrl bench` merge (parsed above), the bench configs and their overlays are parsed by test_bench,
+    the README's own-data examples run verbatim in test_own_data."""
+    used = {ROOT / "configs" / "generic" / "schema.yaml"}
+    for path in (ROOT / "configs" / "bench").glob("*.yaml"):
+        bench = yaml.safe_load(path.read_text())
+        used.add(path)
+        used.update(ROOT / args[i + 1] for a in bench.get("ablations", []) for args in (a.get("align_args", []),)
+                    for i, arg in enumerate(args) if arg == "--config")
+        for backbone in BACKBONES:
+            for stage, aligned in STAGES:
+                used.update(Path(c).resolve() for c in stage_configs(ROOT / bench["config_dir"], stage, backbone,
+                                                                     aligned) if not c.startswith("{"))
+    shipped = set((ROOT / "configs").rglob("*.yaml"))
+    assert shipped - used == set()
 
 
 def test_main_job_runs_both_stages_and_exports(small_run, capsys):

@@ -3,7 +3,7 @@ line or a checkpoint naming an old one is refused with one line that names the n
 
 import pytest
 import torch
-from helpers import CONFIGS
+from helpers import STAGES, ml100k_configs
 
 from ctrl.app.cli import main
 from ctrl.app.renamed import new_name
@@ -33,12 +33,12 @@ def error_line(capsys, args) -> str:
 
 def test_a_config_or_command_line_naming_an_old_class_path_is_refused_with_its_new_name(tmp_path, capsys):
     old = tmp_path / "align.yaml"
-    old.write_text((CONFIGS / "align.yaml").read_text().replace("ctrl.align.module.", "ctrl.module.")
+    old.write_text((STAGES / "align.yaml").read_text().replace("ctrl.align.module.", "ctrl.module.")
                    .replace("ctrl.align.validate_every.", "ctrl.probe."))
     line = error_line(capsys, ["fit", "--config", str(old), "--print_config"])
     assert line.startswith(f"error: {old} names ctrl.probe.ValidateEvery, which is now"
                            " ctrl.align.validate_every.ValidateEvery")
-    line = error_line(capsys, ["fit", "--config", str(CONFIGS / "align.yaml"),
+    line = error_line(capsys, ["fit", "--config", str(STAGES / "align.yaml"),
                                "--trainer.callbacks+=ctrl.probe.TransferProbe", "--print_config"])
     assert "names ctrl.probe.TransferProbe, which is now ctrl.align.probe.TransferProbe" in line
 
@@ -47,7 +47,7 @@ def test_a_checkpoint_of_an_old_class_path_is_refused_with_its_new_name(tmp_path
     ckpt = tmp_path / "old.ckpt"
     torch.save({"stage": 1, "state_dict": {}, "hyper_parameters": {"_class_path": "ctrl.module.AlignmentModule"}},
                ckpt)
-    line = error_line(capsys, ["validate", "--config", str(CONFIGS / "align.yaml"), "--ckpt_path", str(ckpt)])
+    line = error_line(capsys, ["validate", *ml100k_configs("align"), "--ckpt_path", str(ckpt)])
     assert line.startswith(f"error: --ckpt_path {ckpt} was written by ctrl.module.AlignmentModule, which is now"
                            " ctrl.align.module.AlignmentModule")
     assert "init_from" in line

@@ -99,9 +99,9 @@ def test_each_arm_runs_the_trial_with_the_best_validation_auc_over_the_seeds(tun
             assert best_checkpoint(run)["hyper_parameters"]["lr"] == trials[best]["trial"]["values"]["lr"]
 
 
-def printed_config(files: list[Path], capsys) -> dict:
+def printed_config(files: list, capsys, args: tuple[str, ...] = ()) -> dict:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *[arg for f in files for arg in ("--config", str(f))], "--print_config"])
+        main(["fit", *[arg for f in files for arg in ("--config", str(f))], *args, "--print_config"])
     assert exit_info.value.code == 0
     return yaml.safe_load(capsys.readouterr().out)
 
@@ -120,17 +120,24 @@ def test_the_overlays_hold_the_winners_and_a_config_dir_ships_them(tune_run, cap
     shutil.copytree(configs, shipped)
     shutil.copytree(tuned, shipped, dirs_exist_ok=True)
     files = {arm: stage_configs(shipped, "finetune", "dcn", aligned=arm == "ctrl") for arm in ARMS}
-    assert files["base"] == [str(shipped / "finetune.yaml"), str(shipped / "finetune" / "dcn.yaml")]
-    assert files["ctrl"] == [*files["base"], str(shipped / "finetune_aligned.yaml"),
-                             str(shipped / "finetune_aligned" / "dcn.yaml")]
+    assert files["base"][2:] == [str(shipped / "finetune.yaml"), str(shipped / "finetune" / "dcn.yaml")]
+    assert files["ctrl"][2:] == [*files["base"][2:], str(shipped / "finetune_aligned.yaml"),
+                                 str(shipped / "finetune_aligned" / "dcn.yaml")]
     for arm in ARMS:
-        model = printed_config([Path(f) for f in files[arm]], capsys)["model"]["init_args"]
-        assert model["backbone"]["class_path"] == "towers.DCN"
+        # like every backbone overlay, each states the backbone's class and all of its init_args: those the
+        # winning trial trained with (the small config's sizes, not DCN's defaults)
+        overlay = yaml.safe_load(overlays[arm].read_text())["model"]["init_args"]
+        assert overlay["backbone"]["class_path"] == "towers.DCN"
+        assert overlay["backbone"]["init_args"] == {
+            "embed_dim": 8, "num_cross_layers": 3, "mlp_dims": [32, 16], "dropout": winner[arm]["dropout"],
+            "batch_norm": True}
+        model = printed_config(files[arm], capsys)["model"]["init_args"]
+        assert model["backbone"] == overlay["backbone"]
         assert {"dropout": model["backbone"]["init_args"]["dropout"], "lr": model["lr"],
                 "weight_decay": model["weight_decay"]} == winner[arm]
-    # the baseline's overlay keeps what the backbone overlay held besides the tuned values
-    original = yaml.safe_load((configs / "finetune" / "dcn.yaml").read_text())
-    assert yaml.safe_load(overlays["base"].read_text())["trainer"] == original["trainer"]
+        # shipped, the overlay rebuilds the winner: the same merged config as its trial's
+        trial = next(r for r in records if r["variant"] == f"{arm}_trial{headline(records, arm)[0]['tuned']['trial']}")
+        assert model == printed_config(trial["finetune_config"], capsys, trial["finetune_args"])["model"]["init_args"]
     assert set(TUNED_OPTIONS) == set(winner["base"])
 
 

@@ -375,13 +375,14 @@ def small_ml1m(tmp_path_factory):
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_stage1_base_and_overlay_fast_dev_run_per_backbone(bert_dir, tmp_path, small_ml1m, backbone):
-    """align.yaml + align/BACKBONE.yaml: the backbone's class, the shipped stage-1 recipe, two real steps."""
+    """The stage-1 base and the backbone by name: the backbone's class, the shipped stage-1 recipe, two real steps."""
     from helpers import CONFIGS
 
     from ctrl.app.lightning_cli import lightning_cli
+    from ctrl.app.pipeline import stage_configs
 
     cli = lightning_cli([
-        "--config", str(CONFIGS / "align.yaml"), "--config", str(CONFIGS / "align" / f"{backbone}.yaml"),
+        *(a for c in stage_configs(CONFIGS, "align", backbone) for a in ("--config", c)),
         "--data.data_dir", str(small_ml1m), "--data.cache_dir", str(tmp_path / "cache"),
         "--model.init_args.language_model", bert_dir, "--data.text_cache_dir", str(tmp_path / "vectors"),
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.fast_dev_run", "2",

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import ML100K, ROOT, wandb_records
+import yaml
+from helpers import CONFIGS, ML100K, ROOT, STAGES, ml100k_configs, wandb_records
 
 from ctrl.app.cli import main
 from finetune.export import encode_rows, load_scorer
@@ -19,11 +20,9 @@ from tabular2text.prepare import labelled_splits
 from tabular2text.sources import read_table
 from towers import BACKBONES
 
-CONFIG = ROOT / "configs" / "ml100k" / "finetune.yaml"  # DCN
-
 
 def fit_args(tmp: Path, cache: Path, *extra: str) -> list[str]:
-    return ["--config", str(CONFIG), "--data.data_dir", str(ML100K), "--data.cache_dir", str(cache),
+    return [*ml100k_configs("finetune"), "--data.data_dir", str(ML100K), "--data.cache_dir", str(cache),
             "--trainer.default_root_dir", str(tmp), "--trainer.logger.init_args.save_dir", str(tmp), *extra]
 
 
@@ -89,47 +88,88 @@ def test_proximal_term_is_half_its_weight_times_the_squared_distance_of_the_alig
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_stage2_base_and_overlay_fast_dev_run_per_backbone(tmp_path, cache, backbone):
-    """finetune.yaml + finetune/BACKBONE.yaml: the backbone's class, its tuned values, and two real steps."""
+def test_stage2_on_ml100k_fast_dev_run_per_backbone(tmp_path, cache, backbone):
+    """The backbone by name (`ctrl run --backbone`): its class with its own init_args, ML-100K's tuned values
+    (dropout 0.8 for all, lr or batch for three), and two real steps."""
     from pytorch_lightning.cli import LightningCLI
 
     from ctrl.app.lightning_cli import lightning_cli
+    from ctrl.app.pipeline import stage_configs
+    from towers import named_backbone
 
-    overlay = ROOT / "configs" / "ml100k" / "finetune" / f"{backbone}.yaml"
     cli: LightningCLI = lightning_cli([
-        "--config", str(CONFIG), "--config", str(overlay), "--data.data_dir", str(ML100K), "--data.cache_dir",
-        str(cache), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
-        "--trainer.fast_dev_run", "2"], run=False)
+        *(a for c in stage_configs(CONFIGS, "finetune", backbone) for a in ("--config", c)), "--data.data_dir",
+        str(ML100K), "--data.cache_dir", str(cache), "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger", "false", "--trainer.fast_dev_run", "2"], run=False)
     assert type(cli.model.model.tower) is BACKBONES[backbone]
     tuned = {"wide_deep": (0.003, 2048), "deepfm": (0.003, 2048), "autoint": (0.001, 512)}
     assert (cli.model.hparams.lr, cli.datamodule.hparams.batch_size) == tuned.get(backbone, (0.001, 2048))
-    assert cli.model.hparams.backbone["init_args"]["dropout"] == 0.8
+    # nothing of DCN's settings in the stage base reaches another backbone: its own defaults, ML-100K's dropout
+    assert cli.model.hparams.backbone["init_args"] == {**named_backbone(backbone)["init_args"], "dropout": 0.8}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
 
 
-def test_ctrl_stage_2_merges_the_aligned_overlay_last_and_the_baseline_never(tmp_path):
-    from ctrl.app.pipeline import stage_configs
+def test_a_backbone_overlay_states_its_class_and_all_of_its_init_args():
+    """Each shipped overlay of one backbone names its class and every constructor argument, so no value comes
+    from a file that names another backbone."""
+    from towers import named_backbone
 
-    shipped = ROOT / "configs" / "ml100k"
-    names = {aligned: [Path(f).relative_to(shipped).as_posix() for f in stage_configs(shipped, "finetune", "autoint",
-                                                                                         aligned)]
-             for aligned in (False, True)}
-    assert names == {False: ["finetune.yaml", "finetune/autoint.yaml"],
-                     True: ["finetune.yaml", "finetune/autoint.yaml", "finetune_aligned.yaml"]}
-    assert len(stage_configs(shipped, "align", "autoint", aligned=True)) == 2  # stage 1 has no such overlay
-    own = shutil.copytree(shipped, tmp_path / "configs")  # a config directory without one: CTRL's stage 2 is
-    (own / "finetune_aligned.yaml").unlink()                 # the baseline's
-    assert stage_configs(own, "finetune", "dcn", True) == stage_configs(own, "finetune", "dcn", False)
+    overlays = sorted((ROOT / "configs").glob("*/finetune*/*.yaml"))
+    assert {p.relative_to(CONFIGS).as_posix() for p in overlays} == {
+        "finetune/autoint.yaml", "finetune/deepfm.yaml", "finetune/wide_deep.yaml"}
+    for path in overlays:
+        backbone = yaml.safe_load(path.read_text())["model"]["init_args"]["backbone"]
+        assert backbone["class_path"] == named_backbone(path.stem)["class_path"]
+        assert backbone["init_args"].keys() == named_backbone(path.stem)["init_args"].keys(), path
+
+
+def test_the_configs_of_a_stage_in_merge_order(tmp_path):
+    from ctrl.app.pipeline import stage_configs
+    from towers import named_backbone
+    from towers.checkpoints import ConfigError
+
+    def names(config_dir: Path, *args) -> list[str]:
+        configs = stage_configs(config_dir, *args)
+        assert Path(configs[0]).resolve() == STAGES / f"{args[0]}.yaml"
+        assert yaml.safe_load(configs[1]) == {"model": {"init_args": {"backbone": named_backbone(args[1])}}}
+        return [Path(f).relative_to(config_dir).as_posix() for f in configs[2:]]
+
+    shipped = CONFIGS
+    assert names(shipped, "finetune", "autoint", False) == ["finetune.yaml", "finetune/autoint.yaml"]
+    assert names(shipped, "finetune", "autoint", True) == ["finetune.yaml", "finetune/autoint.yaml",
+                                                            "finetune_aligned.yaml"]
+    assert names(shipped, "finetune", "pnn", True) == ["finetune.yaml", "finetune_aligned.yaml"]
+    assert names(shipped, "align", "autoint", True) == ["align.yaml"]  # stage 1 has no aligned overlay
+    # a data set with nothing tuned yet: the bases and the backbone alone, CTRL's stage 2 as the baseline's
+    beauty = ROOT / "configs" / "amazon-beauty"
+    assert names(beauty, "finetune", "dcn", True) == names(beauty, "finetune", "dcn", False) == ["finetune.yaml"]
+    own = shutil.copytree(shipped, tmp_path / "configs")
     # a backbone's own aligned overlay (as `ctrl bench --tune true` writes it) comes after the one for all
     # backbones, for that backbone's CTRL stage 2 only
     (own / "finetune_aligned").mkdir()
     (own / "finetune_aligned" / "dcn.yaml").write_text("model: {init_args: {lr: 0.003}}\n")
-    assert stage_configs(own, "finetune", "dcn", True)[-1] == str(own / "finetune_aligned" / "dcn.yaml")
-    assert stage_configs(own, "finetune", "autoint", True) == stage_configs(own, "finetune", "autoint", False)
-    shutil.copy(shipped / "finetune_aligned.yaml", own)
-    assert [Path(f).relative_to(own).as_posix() for f in stage_configs(own, "finetune", "dcn", True)][2:] == [
-        "finetune_aligned.yaml", "finetune_aligned/dcn.yaml"]
+    assert names(own, "finetune", "dcn", True) == ["finetune.yaml", "finetune_aligned.yaml",
+                                                    "finetune_aligned/dcn.yaml"]
+    assert names(own, "finetune", "autoint", True) == names(shipped, "finetune", "autoint", True)
+    with pytest.raises(ConfigError, match="unknown backbone 'dnc'; known: wide_deep, deepfm, dcn"):
+        stage_configs(own, "finetune", "dnc")
+
+
+def test_ctrl_fit_names_its_run_folder_after_the_data_set_stage_and_backbone(tmp_path, monkeypatch):
+    from ctrl.app.lightning_cli import lightning_cli
+
+    monkeypatch.chdir(tmp_path)
+    for extra, folder in (([], "finetune_dcn"), (["--config", str(CONFIGS / "finetune" / "deepfm.yaml")],
+                                                 "finetune_deepfm")):
+        cli = lightning_cli([*ml100k_configs("finetune"), *extra, "--data.data_dir", str(ML100K)], run=False)
+        assert cli.trainer.default_root_dir == f"runs/ml-100k/{folder}"
+        logger = cli.config.trainer.logger.init_args
+        assert (logger.name, logger.save_dir, cli.trainer.logger.save_dir) == (
+            f"ml-100k-{folder.replace('_', '-', 1)}", f"runs/ml-100k/{folder}", f"runs/ml-100k/{folder}")
+    given = lightning_cli([*ml100k_configs("finetune"), "--data.data_dir", str(ML100K), "--trainer.default_root_dir",
+                           "mine", "--trainer.logger", "false"], run=False)
+    assert given.trainer.default_root_dir == "mine"
 
 
 def test_a_ctrl_fit_checkpoint_reloads_without_arguments_and_exports(tmp_path, cache, capsys):

@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from helpers import CONFIGS, small_config, write_small_ml1m
+from helpers import small_config, write_small_ml1m
 
 from ctrl.app.cli import main
 from ctrl.app.lightning_cli import lightning_cli
@@ -30,8 +30,8 @@ class KillAtStep(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def resumable_config(source: Path, target: Path, run_dir: Path, **model_args) -> Path:
-    config = yaml.safe_load(small_config(source, target, **model_args).read_text())
+def resumable_config(stage: str, target: Path, run_dir: Path, **model_args) -> Path:
+    config = yaml.safe_load(small_config(stage, target, **model_args).read_text())
     # The shipped W&B logger stays: its folder per run id must not hide last.ckpt from the resumed fit.
     config["trainer"].update(max_epochs=3, enable_progress_bar=False, default_root_dir=str(run_dir))
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(run_dir)
@@ -91,9 +91,8 @@ def test_fit_killed_mid_epoch_and_resumed_from_last_equals_the_uninterrupted_fit
                                                                                  monkeypatch):
     monkeypatch.setenv("CTRL_CACHE_DIR", str(data.parent / "cache"))
     extra = {"language_model": bert_dir, "warmup_steps": 5} if stage == "align" else {}
-    source = CONFIGS / f"{stage}.yaml"
-    straight = resumable_config(source, tmp_path / "straight.yaml", tmp_path / "straight", **extra)
-    interrupted = resumable_config(source, tmp_path / "interrupted.yaml", tmp_path / "interrupted", **extra)
+    straight = resumable_config(stage, tmp_path / "straight.yaml", tmp_path / "straight", **extra)
+    interrupted = resumable_config(stage, tmp_path / "interrupted.yaml", tmp_path / "interrupted", **extra)
 
     fit(straight, data)
     killed = killed_fit(interrupted, data)
