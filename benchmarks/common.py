@@ -32,6 +32,8 @@ STUDIES = {
                 "stage-1 variants, the stage-1 curve and a tuning table from `ctrl bench` stores (validation only)"),
     "synthetic_ml1m": ("benchmarks.scale.synthetic_ml1m", "generate",
                        "a 1M-rating table in the MovieLens-1M format, for `scale`"),
+    "granularity": ("benchmarks.granularity.decide", "main",
+                    "the text-granularity rule applied to row- vs entity-text stores -> granularity/decision.md"),
     "negatives": ("benchmarks.negatives.negatives_shortcuts", "main",
                   "how much item popularity and age alone predict a sampled label, per sampling rule (printed)"),
     "scale": ("benchmarks.scale.scale", "main", "wall time and peak RSS per phase on 1M ratings (scale/scale.md)"),
