@@ -226,24 +226,34 @@ class LanguageTower(nn.Module):
             input_ids and attention_mask (and token_type_ids for BERT-like models), each N x L with
             L <= max_length.
         """
-        return self.tokenize_counted(first, second)[0]
+        return self._tokenize(first, second, count=False)[0]
 
     def tokenize_counted(self, first: list[str], second: list[str] | None = None) -> tuple[BatchEncoding, int]:
         """`tokenize`, and how many texts it cut: of pairs, those whose item sentence lost tokens (a cut user
-        sentence is CTRL's usual case, not worth a warning); of single texts, those longer than max_length."""
+        sentence is CTRL's usual case, not worth a warning); of single texts, those longer than max_length.
+        Counting tokenizes the texts again; `tokenize` (every training batch of a trainable tower) does not."""
+        enc, cut = self._tokenize(first, second, count=True)
+        return enc, int(cut)
+
+    def _tokenize(self, first: list[str], second: list[str] | None, count: bool) -> tuple[BatchEncoding, int | None]:
+        """The encoding, and with `count` how many texts it cut (`tokenize_counted`); else None."""
         if second is None:
             enc = self.tokenizer(first, padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
+            if not count:
+                return enc, None
             full = self.tokenizer(first)["input_ids"]
             return enc, sum(len(ids) > self.max_length for ids in full)
         if len(first) != len(second):
             raise ValueError(f"{len(first)} user sentences but {len(second)} item sentences")
-        if not self.pair_template:
+        if not self.pair_template:  # the split decides the cut: counting it costs nothing
             joined = [self._join_truncated(a, b) for a, b in zip(first, second, strict=True)]
             enc = self.tokenizer.pad({"input_ids": [ids for ids, _ in joined]}, padding=True, return_tensors="pt")
             return enc, sum(cut for _, cut in joined)
         enc = self.tokenizer(first, second, padding=True, truncation="longest_first", max_length=self.max_length,
                              return_tensors="pt")
+        if not count:
+            return enc, None
         items = self.tokenizer(second, add_special_tokens=False)["input_ids"]
         if self.tokenizer.is_fast:  # what the tokenizer kept of each item sentence
             kept = [enc.sequence_ids(i).count(1) for i in range(len(items))]
