@@ -12,7 +12,7 @@
     ctrl COMMAND --help                  every option of one command
 
 W&B runs offline unless WANDB_API_KEY is set (no prompt, no network). CTRL_VERBOSE=1 also shows the libraries'
-notices that say nothing about the run (ctrl/console.py).
+notices that say nothing about the run (ctrl/app/console.py).
 
 Config files and examples named `configs/...` are read from the copy shipped with the package when the current
 folder has none (ctrl/app/paths.py), so every command runs from any folder.
