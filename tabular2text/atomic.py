@@ -86,16 +86,19 @@ def writer_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def naming(path: Path, tmp: Path | None = None) -> Callable[[OSError], OSError]:
-    """The error about `path` when the operating system named no file (a write, a mapped page, pyarrow) or
-    named the temporary sibling `tmp` (the user knows `path`, not its hidden sibling)."""
-    def name(err: OSError) -> OSError:
+@contextmanager
+def naming(path: Path, tmp: Path | None = None) -> Iterator[None]:
+    """An OSError of the block is raised again as the error about `path` when the operating system named no
+    file (a write, a mapped page, pyarrow) or named the temporary sibling `tmp` (the user knows `path`, not its
+    hidden sibling); any other error passes as it is."""
+    try:
+        yield
+    except OSError as err:
         number = errno_of(err)
         named = err.filename is not None and not (tmp and str(err.filename).startswith(str(tmp)))
         if named or number is None:
-            return err
-        return OSError(number, os.strerror(number), str(path))  # OSError picks the subclass of the number
-    return name
+            raise
+        raise OSError(number, os.strerror(number), str(path)) from err  # OSError picks the subclass of the number
 
 
 @contextmanager
@@ -114,8 +117,7 @@ def atomic_path(path: str | Path, *, directory: bool = False,
     """
     path = Path(path)
     check_writable_place(path, directory)
-    name = naming(path)
-    try:
+    with naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned(path)
         prefix, suffix = f".{path.name}.{os.getpid()}-", ".tmp"
@@ -125,32 +127,22 @@ def atomic_path(path: str | Path, *, directory: bool = False,
             fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
             os.close(fd)
             tmp = Path(tmp_name)
-    except OSError as err:
-        named = name(err)
-        if named is err:
-            raise
-        raise named from err
     old = tmp.with_name(tmp.name.removesuffix(suffix) + "-old" + suffix)  # a killed swap's leftover is abandoned
-    name = naming(path, tmp)
     try:
-        yield tmp
-        usual_modes(tmp)
-        if not directory:
-            os.replace(tmp, path)  # atomic: a concurrent writer's identical file is replaced, never missing
-        else:
-            with writer_lock(path):
-                exists = path.exists()
-                if exists and (replace(path) if callable(replace) else replace):
-                    os.rename(path, old)
-                    os.rename(tmp, path)
-                elif not exists:
-                    os.rename(tmp, path)
-                # else: the existing one stands (another writer's complete result); ours is dropped
-    except OSError as err:
-        named = name(err)
-        if named is err:
-            raise
-        raise named from err
+        with naming(path, tmp):
+            yield tmp
+            usual_modes(tmp)
+            if not directory:
+                os.replace(tmp, path)  # atomic: a concurrent writer's identical file is replaced, never missing
+            else:
+                with writer_lock(path):
+                    exists = path.exists()
+                    if exists and (replace(path) if callable(replace) else replace):
+                        os.rename(path, old)
+                        os.rename(tmp, path)
+                    elif not exists:
+                        os.rename(tmp, path)
+                    # else: the existing one stands (another writer's complete result); ours is dropped
     finally:
         if directory:
             shutil.rmtree(tmp, ignore_errors=True)
