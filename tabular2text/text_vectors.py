@@ -105,8 +105,8 @@ class TextVectorCache:
     def _writing(self, key: str, rows: int, dim: int, dtype: np.dtype, precision: str) -> Iterator[np.ndarray]:
         """A rows x dim memory-mapped array to fill; on exit the entry gets its checksum and is renamed in, unless
         another process (a run sharing the cache) finished a whole entry of the key first: that one stays."""
-        whole = lambda found: entry_problem(found, key, rows, dtype) is None  # noqa: E731
-        with atomic_path(self.entry(key), directory=True, replace=lambda found: not whole(found)) as tmp:
+        with atomic_path(self.entry(key), directory=True,
+                         replace=lambda found: entry_problem(found, key, rows, dtype) is not None) as tmp:
             out = open_reserved_memmap(tmp / "vectors.npy", dtype, (rows, dim))
             yield out
             out.flush()
