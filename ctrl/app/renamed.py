@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from ctrl.app.paths import CONFIG_OPTIONS
 from towers.checkpoints import CheckpointError, ConfigError
 
 RENAMED_MODULES = {
@@ -51,10 +52,10 @@ def strings(value: object) -> Iterator[str]:
 
 
 def refuse_renamed_in_args(args: list[str]) -> None:
-    """Refuse a command line, or a `--config` file it names, that names a renamed class path."""
+    """Refuse a command line, or a config file it names (`--config`, `-c`), that names a renamed class path."""
     for i, arg in enumerate(args):
         option, _, value = arg.partition("=")
-        if option == "--config":
+        if option in CONFIG_OPTIONS:  # the options resolve_config_args reads as config files (-c too)
             config = value or (args[i + 1] if i + 1 < len(args) else "")
             path = Path(config)
             if path.is_file():
