@@ -2,7 +2,7 @@
 pooled mean of the paired (backbone, seed) differences of validation AUC, entity text minus row text; entity
 holds on a data set at >= -0.002. Test AUC, logloss and the cold-start slice are shown and decide nothing.
 
-    python -m benchmarks granularity --stores '{"ML-100K": "benchmarks/granularity/ml100k.jsonl"}'
+    python -m benchmarks granularity '{"ML-100K": "benchmarks/granularity/ml100k.jsonl"}'
 """
 
 from __future__ import annotations
