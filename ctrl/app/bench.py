@@ -68,7 +68,8 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
           variants: str = "base,ctrl", tune: bool = False, tuning: Tuning = TUNING, report_only: bool = False,
           report: str = "benchmarks/RESULTS.md",
           plot: str = "benchmarks/results_auc.png",
-          include: tuple[str, ...] = ("benchmarks/cost_ml100k.md", "benchmarks/fuxictr_ml100k.md")) -> None:
+          include: tuple[str, ...] = ("benchmarks/cost/cost_ml100k.md", "benchmarks/peer_fuxictr/fuxictr_ml100k.md"),
+          preface: tuple[str, ...] = ()) -> None:
     """Train base vs CTRL (and selected ablations) per backbone and seed, then write the report.
 
     Args:
@@ -91,6 +92,7 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
         report: the markdown report to write.
         plot: the PNG to write: test AUC, mean and std over seeds, base vs CTRL per backbone.
         include: markdown files appended to the report verbatim when they exist (cost, peer comparisons, notes).
+        preface: markdown files put verbatim before the tables when they exist (the verdict per data set).
     """
     known = [Variant(BASE, align=False, backbones=list(backbones), seeds=list(seeds)),
              Variant(CTRL, backbones=list(backbones), seeds=list(seeds))]
@@ -112,7 +114,8 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
         print(f"bench: no finished runs in {results}, no report written")
         return
     order = [*backbones, *sorted({r["backbone"] for r in records} - set(backbones))]
-    write_report(records, order, Path(report), Path(plot), [Path(p) for p in include], results)
+    write_report(records, order, Path(report), Path(plot), [Path(p) for p in include], results,
+                 [Path(p) for p in preface])
 
 
 def select(known: list[Variant], names: str) -> list[Variant]:

@@ -264,9 +264,16 @@ def write_plot(records: list[dict], backbones: list[str], path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
 
+def included(paths: list[Path]) -> list[str]:
+    """Markdown files verbatim, those that exist."""
+    return [line for path in paths if path.is_file()
+            for line in (f"<!-- included verbatim from {path} -->", "", path.read_text().rstrip("\n"), "")]
+
+
 def write_report(records: list[dict], backbones: list[str], report: Path, plot: Path, include: list[Path],
-                 results: Path) -> None:
-    """RESULTS.md and the PNG from the recorded runs."""
+                 results: Path, preface: list[Path] = ()) -> None:
+    """RESULTS.md and the PNG from the recorded runs: the preface files (the verdict), the tables, the
+    included files."""
     shown = [b for b in backbones if any(r["backbone"] == b for r in records)]
     write_plot(records, shown, plot)
     plot_link = os.path.relpath(plot.resolve(), report.resolve().parent)
@@ -281,6 +288,7 @@ def write_report(records: list[dict], backbones: list[str], report: Path, plot: 
         " checkpoint's test metrics; RelaImpr = ((AUC_CTRL - 0.5) / (AUC_base - 0.5) - 1) x 100 of the means;"
         " p from scipy.stats.ttest_rel on the per-seed AUCs paired by seed, one-sided (alternative: CTRL > base).",
         "",
+        *included(list(preface)),
     ]
     for slice_, title in SLICES.items():
         text += [f"## Test AUC and logloss: {title}", "", *comparison_table(records, shown, slice_), ""]
@@ -291,9 +299,6 @@ def write_report(records: list[dict], backbones: list[str], report: Path, plot: 
              " for information only and picks nothing.", "",
              *variants_table(records, shown), "",
              "## Wall time per phase (seconds, mean over runs)", "", *phases_table(records), "",
-             "## Commands that trained the runs", "", *[f"    {c}" for c in commands], ""]
-    for path in include:
-        if path.is_file():
-            text += [f"<!-- included verbatim from {path} -->", "", path.read_text().rstrip("\n"), ""]
+             "## Commands that trained the runs", "", *[f"    {c}" for c in commands], "", *included(include)]
     atomic_write_text(report, "\n".join(text))
     print(f"bench: wrote {report} and {plot}")

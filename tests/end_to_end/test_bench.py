@@ -148,9 +148,14 @@ def test_report_decides_on_validation_and_covers_the_cold_start_slice(tmp_path):
             records.append({"variant": variant, "backbone": "dcn", "seed": seed, "metrics": metrics,
                             "phases": {"stage 2": 1.0}, "overrides": {"both": [], "align": [], "finetune": []},
                             "command": "ctrl bench"})
-    ctrl.app.report.write_report(records, ["dcn"], tmp_path / "RESULTS.md", tmp_path / "auc.png", [],
-                            tmp_path / "results.jsonl")
+    (tmp_path / "verdict.md").write_text("## Verdict per data set\n")
+    (tmp_path / "cost.md").write_text("## Cost\n")
+    ctrl.app.report.write_report(records, ["dcn"], tmp_path / "RESULTS.md", tmp_path / "auc.png",
+                                 [tmp_path / "cost.md"], tmp_path / "results.jsonl", [tmp_path / "verdict.md"])
     report = (tmp_path / "RESULTS.md").read_text()
+    # the report opens with the verdict (preface), then the tables; included notes come last
+    order = [report.index(h) for h in ("## Verdict per data set", "## Test AUC and logloss", "## Cost")]
+    assert order == sorted(order)
     assert_comparison_row(report, "cold start", records, "test_cold")
     # the machines are the records' own: these were recorded without one
     assert "Machines that trained the runs: not recorded (12 runs)." in report
