@@ -37,6 +37,9 @@ def table(name: str, records: list[dict]) -> list[str]:
         lines.append(f"| {metric} | {sum(diffs) / len(diffs):+.4f} | {len(diffs)} | {better}/{len(diffs)} | "
                      + " | ".join(shown) + " |")
     diffs = paired(records, "val/auc", ENTITY, ROW)
+    if not diffs:
+        ran = sorted({f"{r['variant']} {r['backbone']} seed {r['seed']}" for r in records})
+        lines += ["", f"No (entity, row) pair has finished on {name}: no decision. Finished: {', '.join(ran)}."]
     if diffs:
         verdict = "holds" if sum(diffs) / len(diffs) >= THRESHOLD else "does not hold"
         lines += ["", f"Rule: pooled validation-AUC difference {sum(diffs) / len(diffs):+.4f} over {len(diffs)} pairs"
