@@ -50,3 +50,14 @@ def small_run(tmp_path_factory, bert_dir):
         mp.setenv("CTRL_CACHE_DIR", str(tmp / "cache"))
         main(["run", "--config_dir", str(configs), "--data_dir", str(data), "--out", str(tmp / "out")])
     return tmp
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module of tiny training runs (`pytestmark = pytest.mark.usefixtures("one_thread")`): tensors this small
+    gain nothing from threads, which only wait on a busy machine (6x slower here). One count for the whole module: a
+    rerun must see the same thread count to reproduce a run's numbers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,14 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [0, 1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from threads, which only wait on a busy machine (6x slower here). One
-    count for the whole module: a rerun must see the same thread count to reproduce a run's numbers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one thread for the module's tiny runs
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ TUNING = {"dropout": [0.2, 0.6], "lr": [0.001, 0.003], "weight_decay": [1e-4], "
 ARMS = ("base", "ctrl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As in test_bench: tiny tensors gain nothing from threads, and a rerun must see the same count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one thread for the module's tiny runs
 
 
 @pytest.fixture(scope="module")
