@@ -34,6 +34,8 @@ STUDIES = {
                        "a 1M-rating table in the MovieLens-1M format, for `scale`"),
     "granularity": ("benchmarks.granularity.decide", "main",
                     "the text-granularity rule applied to row- vs entity-text stores -> granularity/decision.md"),
+    "amazon_slice": ("benchmarks.granularity.amazon_slice", "main",
+                     "a seeded user slice of Amazon Beauty, for the granularity rule's row arm (printed)"),
     "negatives": ("benchmarks.negatives.negatives_shortcuts", "main",
                   "how much item popularity and age alone predict a sampled label, per sampling rule (printed)"),
     "scale": ("benchmarks.scale.scale", "main", "wall time and peak RSS per phase on 1M ratings (scale/scale.md)"),
