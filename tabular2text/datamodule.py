@@ -197,13 +197,15 @@ class CTRDataModule(pl.LightningDataModule):
         """Entity text: each user's sentence without the behavior sequence and each item's sentence, encoded
         once per entity; per row [user vector, item vector, mean of its history items' vectors]."""
         spec = self.feature_spec
-        ids, item_texts = self.item_catalog()
-        catalog, index = self._cached(encoder, item_texts)
+        ids, catalog = self.item_catalog()
+        users, items = self._before_test("user_profile_text"), self._before_test("item_text")
+        # One cache entry for all of them: the catalog and the rows' items are mostly the same sentences, and
+        # each distinct sentence is encoded once.
+        table, index = self._cached(encoder, [*catalog, *users, *items])
+        catalog_index, user_index, item_index = np.split(index, [len(catalog), len(catalog) + len(users)])
         item_vectors = torch.zeros(spec[spec.item_field].vocab_size, encoder.output_dim)
-        item_vectors[torch.from_numpy(ids)] = torch.from_numpy(catalog[index])
-        users, user_index = self._cached(encoder, self._before_test("user_profile_text"))
-        items, item_index = self._cached(encoder, self._before_test("item_text"))
-        return FrozenText({split: [(users, user_index[rows]), (items, item_index[rows])]
+        item_vectors[torch.from_numpy(ids)] = torch.from_numpy(table[catalog_index])
+        return FrozenText({split: [(table, user_index[rows]), (table, item_index[rows])]
                            for split, rows in self._split_rows().items()}, item_vectors, history_field)
 
     def _cached(self, encoder: TextEncoder, first: list[str], second: list[str] | None = None

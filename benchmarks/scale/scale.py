@@ -6,12 +6,12 @@
 Every phase runs as its own `ctrl` (or python) process under `/usr/bin/time`, so its wall time and peak
 resident memory (max RSS) are the process's own:
   prepare        `ctrl prepare` on an empty cache (read, history, labels, split, vocabularies, text);
-  encode_rows    row-level text (the paper's): every distinct (user, item) sentence pair of train + val is
+  encode_rows    row-level text (the paper's option): every distinct (user, item) sentence pair of train + val is
                  counted, the cache array for all of them is created memory-mapped, and the first
                  `--row_texts` pairs are encoded into it with `FrozenEncoder` (text_precision auto): the memory
                  profile of the full job, for a measured share of its time;
-  stage1_entity  `ctrl fit` of configs/stages/ + ml100k/align.yaml, 1 epoch, text_granularity entity (one text per
-                 user and per item, encoding included);
+  stage1         `ctrl fit` of configs/stages/ + ml100k/align.yaml, 1 epoch, the default entity text (one text
+                 per user and per item, encoding included);
   stage2         `ctrl fit` of configs/stages/ + ml100k/finetune.yaml, 1 epoch, from stage 1's checkpoint.
 Prints a markdown table of the phases; `scale.md` holds it with the extrapolation.
 """
@@ -87,11 +87,9 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
                                     str(root / "row-vectors.npy")], root / "encode_rows.log", env)
     results["encode_rows"].update(json.loads(results["encode_rows"]["stdout"].strip().splitlines()[-1]))
     common = ["--data.data_dir", data_dir, "--trainer.max_epochs", "1", "--trainer.logger", "false"]
-    results["stage1_entity"] = timed([*ctrl, "fit", "--config", str(stages / "align.yaml"), "--config",
-                                      str(configs / "align.yaml"), *common,
-                                      "--model.init_args.text_granularity", "entity",
-                                      "--trainer.default_root_dir", str(root / "align")],
-                                     root / "stage1.log", env)
+    results["stage1"] = timed([*ctrl, "fit", "--config", str(stages / "align.yaml"), "--config",
+                               str(configs / "align.yaml"), *common, "--trainer.default_root_dir", str(root / "align")],
+                              root / "stage1.log", env)
     results["stage2"] = timed([*ctrl, "fit", "--config", str(stages / "finetune.yaml"), "--config",
                                str(configs / "finetune.yaml"), *common,
                                "--model.init_args.init_from", str(root / "align" / "checkpoints" / "best.ckpt"),
@@ -109,7 +107,7 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
           f" distinct train+val pairs encoded in {enc['encode_seconds']:.1f} s,"
           f" {rate:.1f} texts/s ({enc['precision']}); all {enc['distinct']:,}:"
           f" {enc['distinct'] / rate / 60:.0f} min |")
-    for name in ("stage1_entity", "stage2"):
+    for name in ("stage1", "stage2"):
         print(f"| {name} | {results[name]['seconds']:.1f} | {results[name]['rss_gb']:.2f} | 1 epoch |")
     (root / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "stdout"}
                                                    for k, v in results.items()} | {"rows": rows}, indent=1))

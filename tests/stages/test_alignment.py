@@ -111,6 +111,12 @@ def test_entity_text_pools_user_item_and_history_item_vectors(bert_dir, tmp_path
     run.fit(module, datamodule=data)
     assert torch.isfinite(run.callback_metrics["train/loss"])
     assert len(data.text.parts["train"]) == 2  # user profiles, item sentences
+    # one cache entry holding each distinct sentence once, though catalog and rows repeat the item sentences
+    (entry,) = (tmp_path / "cache").iterdir()
+    sentences = {*data.item_catalog()[1], *(t for split in ("train", "val") for column in ("user_profile_text",
+                                                                                        "item_text")
+                                            for t in data.frame(split)[column])}
+    assert np.load(entry / "vectors.npy", mmap_mode="r").shape == (len(sentences), 16)
     catalog = data.text.item_vectors
     assert catalog.shape == (20, 16) and not catalog[:2].any() and catalog[2:].norm(dim=1).min() > 0
     batch = next(iter(data.loader("train")))
@@ -278,8 +284,9 @@ def test_long_item_sentences_are_cut_with_one_warning_per_encoding_pass(bert_dir
     if granularity == "row":
         assert cut == [f"{len(users)} of {len(users)} (user, item) texts had their item sentence cut (the longer"
                        f" sentence of a pair is cut first) to fit {hint}"]
-    else:  # the 18 catalog items, then the one item sentence of the rows; the short user profiles fit
-        assert cut == [f"1 of 1 texts were cut to fit {hint}", f"18 of 18 texts were cut to fit {hint}"]
+    else:  # one pass: the 18 catalog items and the one item sentence of the rows; the short user profiles fit
+        profiles = {t for split in ("train", "val") for t in data.frame(split)["user_profile_text"]}
+        assert cut == [f"19 of {19 + len(profiles)} texts were cut to fit {hint}"]
 
 
 def test_a_max_length_without_room_for_text_is_refused_naming_the_option(bert_dir):
