@@ -40,7 +40,7 @@ def table(name: str, records: list[dict]) -> list[str]:
     if not diffs:
         ran = sorted({f"{r['variant']} {r['backbone']} seed {r['seed']}" for r in records})
         lines += ["", f"No (entity, row) pair has finished on {name}: no decision. Finished: {', '.join(ran)}."]
-    if diffs:
+    else:
         verdict = "holds" if sum(diffs) / len(diffs) >= THRESHOLD else "does not hold"
         lines += ["", f"Rule: pooled validation-AUC difference {sum(diffs) / len(diffs):+.4f} over {len(diffs)} pairs"
                       f" (threshold {THRESHOLD}): entity text **{verdict}** on {name}."]

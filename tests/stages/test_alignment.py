@@ -113,9 +113,8 @@ def test_entity_text_pools_user_item_and_history_item_vectors(bert_dir, tmp_path
     assert len(data.text.parts["train"]) == 2  # user profiles, item sentences
     # one cache entry holding each distinct sentence once, though catalog and rows repeat the item sentences
     (entry,) = (tmp_path / "cache").iterdir()
-    sentences = {*data.item_catalog()[1], *(t for split in ("train", "val") for column in ("user_profile_text",
-                                                                                        "item_text")
-                                            for t in data.frame(split)[column])}
+    rows = pd.concat([data.frame("train"), data.frame("val")])
+    sentences = {*data.item_catalog()[1], *rows["user_profile_text"], *rows["item_text"]}
     assert np.load(entry / "vectors.npy", mmap_mode="r").shape == (len(sentences), 16)
     catalog = data.text.item_vectors
     assert catalog.shape == (20, 16) and not catalog[:2].any() and catalog[2:].norm(dim=1).min() > 0
