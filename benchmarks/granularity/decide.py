@@ -47,15 +47,19 @@ def table(name: str, records: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def main(stores: dict[str, str], out: str = "benchmarks/granularity/decision.md") -> None:
-    """Write the rule's table per data set.
+def main(stores: dict[str, str], out: str = "benchmarks/granularity/decision.md",
+         reading: str = "benchmarks/granularity/reading.md") -> None:
+    """Write the rule's table per data set, then the reading of it.
 
     Args:
         stores: data set name -> a `ctrl bench` results.jsonl holding `ctrl` (row text), `entity_text` and `base`.
         out: the markdown file to write.
+        reading: what was read from the tables after the runs, appended verbatim when it exists.
     """
     lines = ["# Text granularity: the rule applied", "", f"Written by `{command()}`. The rule: `RULE.md`.", ""]
     for name, path in stores.items():
         lines += table(name, read_records(Path(path)))
+    if Path(reading).is_file():
+        lines.append(Path(reading).read_text())
     Path(out).write_text("\n".join(lines))
     print("\n".join(lines))
