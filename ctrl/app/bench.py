@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import yaml
+
 from ctrl.align.probe import TransferProbe
 from ctrl.app.lightning_cli import merged_config
 from ctrl.app.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, stage_configs, timed, train
@@ -192,6 +194,7 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     finetune_config = stage_configs(config_dir, "finetune", backbone, aligned=variant.align)
     args = {"align_config": align_config, "align_args": [*common, *variant.align_args] if variant.align else [],
             "finetune_config": finetune_config, "finetune_args": [*common, *variant.finetune_args]}
+    contents = configs_sha([*(align_config or []), *finetune_config])
     results = out / RESULTS_FILE
     key = (variant.name, backbone, seed)
     done = {(r["variant"], r["backbone"], r["seed"]): r for r in read_records(results)}
@@ -201,6 +204,11 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
             raise ConfigError(f"{results} records {variant.name}/{backbone}/seed {seed} with other configs or"
                              f" arguments ({recorded}, now {args}); run with the same options, another --out, or"
                              " rename the variant")
+        if done[key].get("configs_sha", contents) != contents:  # stores written before it lack the field
+            files = ", ".join(c for c in [*(align_config or []), *finetune_config] if not c.startswith("{"))
+            raise ConfigError(f"{results} records {variant.name}/{backbone}/seed {seed} with other configs or"
+                             f" arguments: the contents of {files} changed since it ran; use another --out to"
+                             " measure them as they are now")
         print(f"bench: {variant.name}/{backbone}/seed {seed} already in {results}, skipped")
         return
 
@@ -228,9 +236,16 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     append_record(results, {
         "variant": variant.name, "backbone": backbone, "seed": seed,
         "metrics": {k: float(v) for k, v in metrics.items()}, "phases": phases, "epochs": epochs, **extra,
-        **args, "overrides": variant_overrides(variant), "run_dir": str(run_dir),
+        **args, "configs_sha": contents, "overrides": variant_overrides(variant), "run_dir": str(run_dir),
         "command": command_line(), "machine": machine(), "finished": datetime.now().isoformat(timespec="seconds"),
     })
+
+
+def configs_sha(configs: list[str]) -> str:
+    """A short hash of what the configs say, parsed (comments and layout aside; a YAML string stands for
+    itself): a run recorded under the same config paths is reused only while their contents are the same."""
+    parsed = [yaml.safe_load(c if c.startswith("{") else Path(c).read_text()) for c in configs]
+    return hashlib.sha256(json.dumps(parsed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def aligned(configs: list[str], args: list[str], root: Path) -> dict:

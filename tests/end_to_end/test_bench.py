@@ -199,6 +199,34 @@ def test_a_recorded_run_with_other_arguments_is_refused(bench_run, capsys):
     assert "records base/dcn/seed 0 with other configs or arguments" in capsys.readouterr().err
 
 
+def test_a_recorded_run_whose_config_files_changed_since_is_refused(bench_run, capsys, monkeypatch):
+    """Same paths, other contents (as a change of a shipped default is): not reused, refused before training."""
+    config = bench_run / "configs" / "finetune.yaml"
+    before = config.read_text()
+    try:
+        settings = yaml.safe_load(before)
+        settings["trainer"]["max_epochs"] += 1
+        config.write_text(yaml.safe_dump(settings))
+        with pytest.raises(SystemExit) as exit_info:
+            main(bench_args(bench_run))
+    finally:
+        config.write_text(before)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "records base/dcn/seed 0 with other configs or arguments: the contents of" in err
+    assert str(config) in err
+    def no_training(**kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ctrl.app.bench, "train", no_training)
+    monkeypatch.setattr(ctrl.app.bench, "fit_stage", no_training)
+    config.write_text(f"# a comment changes nothing it says\n{before}")
+    try:
+        main(bench_args(bench_run))  # every run recorded, under what the configs still say: skipped
+    finally:
+        config.write_text(before)
+
+
 def test_a_record_cut_short_is_skipped_and_the_next_one_kept(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text('{"variant": "base"}\n{"variant": "ct')

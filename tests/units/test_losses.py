@@ -79,6 +79,17 @@ def test_max_sim_matches_loops_and_is_not_symmetric():
     assert not torch.allclose(max_sim(a, c), max_sim(c, a).T)
 
 
+def test_max_sim_without_gradient_is_the_same_as_with_it():
+    """Validation (no autograd) takes another reduction than training; the values must not move."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(64, 4, 8, generator=g, requires_grad=True)
+    b = torch.randn(96, 4, 8, generator=g, requires_grad=True)
+    with torch.inference_mode():
+        served = max_sim(a, b)
+    assert torch.equal(served, max_sim(a, b).detach())
+    torch.testing.assert_close(served, max_sim_loops(a.detach(), b.detach()))
+
+
 def test_fine_loss_by_hand_uses_each_side_as_query_in_its_direction():
     tab = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.5, 0.5], [1.0, -1.0]]])
     text = torch.tensor([[[2.0, 1.0], [0.0, 3.0]], [[-1.0, 0.0], [1.0, -1.0]]])
