@@ -37,7 +37,7 @@ STUDIES = {
     "amazon_slice": ("benchmarks.granularity.amazon_slice", "main",
                      "a seeded user slice of Amazon Beauty, for the granularity rule's row arm (printed)"),
     "negatives": ("benchmarks.negatives.negatives_shortcuts", "main",
-                  "how much item popularity and age alone predict a sampled label, per sampling rule (printed)"),
+                  "how much the item alone predicts a sampled label, per rule and window -> negatives/shortcuts.md"),
     "scale": ("benchmarks.scale.scale", "main", "wall time and peak RSS per phase on 1M ratings (scale/scale.md)"),
 }
 

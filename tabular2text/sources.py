@@ -48,12 +48,14 @@ class NegativeRule:
     `per_positive` negatives are sampled for it once, with `seed`, among the items interacted with strictly
     before the row's time that the user never interacts with in the whole log. `by`: `popularity` draws one
     of the `window` most recent earlier interactions and takes its item (items in proportion to their recent
-    interactions); `uniform` draws evenly among the items that existed then (`window` unused)."""
+    interactions); `uniform` draws evenly among the items that existed then (`window` unused). The window's
+    default, 3,000, is what benchmarks/negatives/RULE.md chose (decision.md there): a longer one lags behind
+    what sells, so an item on the rise is a positive more often than a negative in train and the opposite later."""
 
     per_positive: int = 1
     seed: int = 0
     by: str = "popularity"
-    window: int = 10_000
+    window: int = 3_000
 
 
 @dataclass

@@ -91,7 +91,8 @@ def test_popularity_draws_by_recent_interactions_and_uniform_evenly():
         drawn = frame.item.to_numpy()[sample_negatives(frame, rule, "user", "item", "t")[100:, 0]]
         shares[rule.by, rule.window] = (drawn == "A").mean()
         assert set(drawn) <= {"A", *(f"B{k}" for k in range(9))}
-    assert abs(shares["uniform", 10_000] - 0.1) < 0.03 and abs(shares["popularity", 10_000] - 0.91) < 0.03
+    window = NegativeRule().window  # the default, longer than these 100 interactions
+    assert abs(shares["uniform", window] - 0.1) < 0.03 and abs(shares["popularity", window] - 0.91) < 0.03
     assert shares["popularity", 9] == 0
 
 
@@ -100,7 +101,7 @@ def test_the_negatives_options_are_part_of_the_prepared_data_s_fingerprint(tmp_p
     data = write_log(tmp_path / "log", rows)
     first = prepare(data, tmp_path / "cache")
     meta = json.loads((first / "meta.json").read_text())
-    assert meta["options"]["negatives"] == {"per_positive": 1, "seed": 0, "by": "popularity", "window": 10_000}
+    assert meta["options"]["negatives"] == {"per_positive": 1, "seed": 0, "by": "popularity", "window": 3_000}
     assert meta["label"] is None and prepare(data, tmp_path / "cache") == first
     for schema in ("negatives: {seed: 1}\n", "negatives: {by: uniform}\n"):
         (tmp_path / "log.yaml").write_text(f"data: log\n{schema}")
