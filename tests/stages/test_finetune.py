@@ -1,7 +1,6 @@
 """Stage 2 through the real CLI on ML-100K: fine-tuning, init_from, export round trip, W&B offline files."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +89,8 @@ def test_proximal_term_is_half_its_weight_times_the_squared_distance_of_the_alig
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_stage2_on_ml100k_fast_dev_run_per_backbone(tmp_path, cache, backbone):
     """The backbone by name (`ctrl run --backbone`): its class with its own init_args, ML-100K's tuned values
-    (dropout 0.8 for all, lr or batch for three), and two real steps."""
+    (the baseline's lr, batch and dropout for the four paper backbones, `ctrl bench --tune true`'s choice; dropout
+    0.8 for the others), and two real steps."""
     from pytorch_lightning.cli import LightningCLI
 
     from ctrl.app.lightning_cli import lightning_cli
@@ -102,10 +102,12 @@ def test_stage2_on_ml100k_fast_dev_run_per_backbone(tmp_path, cache, backbone):
         str(ML100K), "--data.cache_dir", str(cache), "--trainer.default_root_dir", str(tmp_path),
         "--trainer.logger", "false", "--trainer.fast_dev_run", "2"], run=False)
     assert type(cli.model.model.tower) is BACKBONES[backbone]
-    tuned = {"wide_deep": (0.003, 2048), "deepfm": (0.003, 2048), "autoint": (0.001, 512)}
-    assert (cli.model.hparams.lr, cli.datamodule.hparams.batch_size) == tuned.get(backbone, (0.001, 2048))
+    tuned = {"wide_deep": (0.003, 2048, 0.8), "deepfm": (0.003, 2048, 0.8), "dcn": (0.003, 2048, 0.5),
+             "autoint": (0.001, 512, 0.3)}
+    lr, batch_size, dropout = tuned.get(backbone, (0.001, 2048, 0.8))
+    assert (cli.model.hparams.lr, cli.datamodule.hparams.batch_size) == (lr, batch_size)
     # nothing of DCN's settings in the stage base reaches another backbone: its own defaults, ML-100K's dropout
-    assert cli.model.hparams.backbone["init_args"] == {**named_backbone(backbone)["init_args"], "dropout": 0.8}
+    assert cli.model.hparams.backbone["init_args"] == {**named_backbone(backbone)["init_args"], "dropout": dropout}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
 
@@ -117,14 +119,15 @@ def test_a_backbone_overlay_states_its_class_and_all_of_its_init_args():
 
     overlays = sorted((ROOT / "configs").glob("*/finetune*/*.yaml"))
     assert {p.relative_to(CONFIGS).as_posix() for p in overlays} == {
-        "finetune/autoint.yaml", "finetune/deepfm.yaml", "finetune/wide_deep.yaml"}
+        f"{stage}/{backbone}.yaml" for stage in ("finetune", "finetune_aligned")
+        for backbone in ("wide_deep", "deepfm", "dcn", "autoint")}
     for path in overlays:
         backbone = yaml.safe_load(path.read_text())["model"]["init_args"]["backbone"]
         assert backbone["class_path"] == named_backbone(path.stem)["class_path"]
         assert backbone["init_args"].keys() == named_backbone(path.stem)["init_args"].keys(), path
 
 
-def test_the_configs_of_a_stage_in_merge_order(tmp_path):
+def test_the_configs_of_a_stage_in_merge_order():
     from ctrl.app.pipeline import stage_configs
     from towers import named_backbone
     from towers.checkpoints import ConfigError
@@ -137,23 +140,17 @@ def test_the_configs_of_a_stage_in_merge_order(tmp_path):
 
     shipped = CONFIGS
     assert names(shipped, "finetune", "autoint", False) == ["finetune.yaml", "finetune/autoint.yaml"]
+    # CTRL's stage 2: the overlay for all backbones, then the backbone's own aligned one (what `ctrl bench --tune
+    # true` chose), the more specific last; a backbone without one takes the overlay for all
     assert names(shipped, "finetune", "autoint", True) == ["finetune.yaml", "finetune/autoint.yaml",
-                                                            "finetune_aligned.yaml"]
+                                                            "finetune_aligned.yaml", "finetune_aligned/autoint.yaml"]
     assert names(shipped, "finetune", "pnn", True) == ["finetune.yaml", "finetune_aligned.yaml"]
     assert names(shipped, "align", "autoint", True) == ["align.yaml"]  # stage 1 has no aligned overlay
     # a data set with nothing tuned yet: the bases and the backbone alone, CTRL's stage 2 as the baseline's
     beauty = ROOT / "configs" / "amazon-beauty"
     assert names(beauty, "finetune", "dcn", True) == names(beauty, "finetune", "dcn", False) == ["finetune.yaml"]
-    own = shutil.copytree(shipped, tmp_path / "configs")
-    # a backbone's own aligned overlay (as `ctrl bench --tune true` writes it) comes after the one for all
-    # backbones, for that backbone's CTRL stage 2 only
-    (own / "finetune_aligned").mkdir()
-    (own / "finetune_aligned" / "dcn.yaml").write_text("model: {init_args: {lr: 0.003}}\n")
-    assert names(own, "finetune", "dcn", True) == ["finetune.yaml", "finetune_aligned.yaml",
-                                                    "finetune_aligned/dcn.yaml"]
-    assert names(own, "finetune", "autoint", True) == names(shipped, "finetune", "autoint", True)
     with pytest.raises(ConfigError, match="unknown backbone 'dnc'; known: wide_deep, deepfm, dcn"):
-        stage_configs(own, "finetune", "dnc")
+        stage_configs(shipped, "finetune", "dnc")
 
 
 def test_ctrl_fit_names_its_run_folder_after_the_data_set_stage_and_backbone(tmp_path, monkeypatch):
