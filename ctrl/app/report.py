@@ -207,7 +207,7 @@ def phase_group(record: dict) -> str:
     return f"{record['trial']['arm']} tuning trials" if "trial" in record else record["variant"]
 
 
-def tuning_section(records: list[dict], backbones: list[str], results: Path) -> list[str]:
+def tuning_section(records: list[dict], backbones: list[str]) -> list[str]:
     """The search of `ctrl bench --tune true` (grid, trials, seeds), every trial's validation AUC per arm and
     backbone and each arm's choice (in bold); empty when the store holds no tuning trials."""
     trials = [r for r in records if "trial" in r]
@@ -220,9 +220,9 @@ def tuning_section(records: list[dict], backbones: list[str], results: Path) -> 
              f"Grid: {', '.join(f'{n} {grid[n]}' for n in names)}; {grid['trials']} trial(s) drawn with seed"
              f" {grid['seed']}, each trained with seeds {grid['seeds']}. Per arm and backbone the trial with the best"
              " mean best-checkpoint validation AUC over those seeds is chosen (in bold) and trained over the"
-             " benchmark's seeds as the `base` / `ctrl` rows above; test metrics are not read. The chosen values,"
-             f" as config overlays: `{results.parent / 'tuned'}` (`finetune/BACKBONE.yaml`: the baseline,"
-             " `finetune_aligned/BACKBONE.yaml`: CTRL's stage 2).", ""]
+             " benchmark's seeds as the `base` / `ctrl` rows above; test metrics are not read. The tuning run"
+             " writes the chosen values as config overlays under its `--out`, in `tuned/` (`finetune/BACKBONE.yaml`:"
+             " the baseline, `finetune_aligned/BACKBONE.yaml`: CTRL's stage 2), to copy into a config directory.", ""]
     for backbone in backbones:
         scores = {arm: trial_scores(records, arm, backbone) for arm in arms}
         if not any(scores.values()):
@@ -292,7 +292,7 @@ def write_report(records: list[dict], backbones: list[str], report: Path, plot: 
     ]
     for slice_, title in SLICES.items():
         text += [f"## Test AUC and logloss: {title}", "", *comparison_table(records, shown, slice_), ""]
-    text += [f"![test AUC, base vs CTRL]({plot_link})", "", *tuning_section(records, shown, results),
+    text += [f"![test AUC, base vs CTRL]({plot_link})", "", *tuning_section(records, shown),
              "## Variants (ablations), decided on validation AUC", "",
              "Best-checkpoint validation AUC per variant; the column after it is the mean per-seed difference to"
              " `ctrl` on the seeds both ran, and the variant with the largest one is in bold. Test AUC is shown"
