@@ -241,10 +241,15 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     })
 
 
+def config_texts(configs: list[str]) -> list[str]:
+    """What each config says: a file's text, or the YAML string itself (the backbone by name)."""
+    return [c if c.startswith("{") else Path(c).read_text() for c in configs]
+
+
 def configs_sha(configs: list[str]) -> str:
-    """A short hash of what the configs say, parsed (comments and layout aside; a YAML string stands for
-    itself): a run recorded under the same config paths is reused only while their contents are the same."""
-    parsed = [yaml.safe_load(c if c.startswith("{") else Path(c).read_text()) for c in configs]
+    """A short hash of what the configs say, parsed (comments and layout aside): a run recorded under the same
+    config paths is reused only while their contents are the same."""
+    parsed = [yaml.safe_load(text) for text in config_texts(configs)]
     return hashlib.sha256(json.dumps(parsed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -253,8 +258,7 @@ def aligned(configs: list[str], args: list[str], root: Path) -> dict:
     only in stage 2 start from the same stage-1 checkpoint. Returns its checkpoint, stage-1 metrics (best
     val/loss, the last epoch's other val/ metrics), per-epoch curve, epochs, phases, folder and whether it
     was reused."""
-    content = [c if c.startswith("{") else Path(c).read_text() for c in configs]  # the backbone's YAML, or a file
-    key = hashlib.sha256(json.dumps({"config": content, "args": args}).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps({"config": config_texts(configs), "args": args}).encode()).hexdigest()
     folder = root / key[:16]
     record = folder / "stage1.json"
     if record.is_file():

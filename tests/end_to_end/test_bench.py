@@ -215,6 +215,7 @@ def test_a_recorded_run_whose_config_files_changed_since_is_refused(bench_run, c
     err = capsys.readouterr().err
     assert "records base/dcn/seed 0 with other configs or arguments: the contents of" in err
     assert str(config) in err
+
     def no_training(**kwargs):
         raise AssertionError("a finished run was trained again")
 

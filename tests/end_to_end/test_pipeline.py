@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import small_config, wandb_records, write_small_ml1m  # noqa: F401 (shared)
+from helpers import ML100K_DROPOUT, ML100K_DROPOUT_OTHERS, small_config, wandb_records, write_small_ml1m  # noqa: F401 (shared)
 
 from ctrl.app.cli import main
 from ctrl.app.pipeline import stage_configs
@@ -39,15 +39,11 @@ def test_every_stage_of_every_data_set_and_backbone_parses(config_dir, backbone,
         assert chosen["init_args"]["dropout"] == shipped_dropout(Path(config_dir).name, stage, aligned, backbone)
 
 
-# ML-100K's stage-2 dropout as tuned there: (baseline, CTRL) per paper backbone, chosen by `ctrl bench --tune true`
-# (benchmarks/headline_ml100k/); round 2l's 0.8 / 0.7 for the other backbones. Elsewhere the stages' 0.1.
-ML100K_DROPOUT = {"wide_deep": (0.8, 0.8), "deepfm": (0.8, 0.8), "dcn": (0.5, 0.8), "autoint": (0.3, 0.7)}
-
-
 def shipped_dropout(data_set: str, stage: str, aligned: bool, backbone: str) -> float:
+    """ML-100K's tuned stage-2 dropout; elsewhere, and in stage 1, the stages' 0.1."""
     if data_set != "ml100k" or stage == "align":
         return 0.1
-    return ML100K_DROPOUT.get(backbone, (0.8, 0.7))[aligned]
+    return ML100K_DROPOUT.get(backbone, ML100K_DROPOUT_OTHERS)[aligned]
 
 
 def test_every_shipped_config_is_used_by_a_test_or_a_benchmark():
