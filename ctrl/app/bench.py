@@ -194,7 +194,8 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     finetune_config = stage_configs(config_dir, "finetune", backbone, aligned=variant.align)
     args = {"align_config": align_config, "align_args": [*common, *variant.align_args] if variant.align else [],
             "finetune_config": finetune_config, "finetune_args": [*common, *variant.finetune_args]}
-    contents = configs_sha([*(align_config or []), *finetune_config])
+    configs = [*(align_config or []), *finetune_config]
+    contents = configs_sha(configs)
     results = out / RESULTS_FILE
     key = (variant.name, backbone, seed)
     done = {(r["variant"], r["backbone"], r["seed"]): r for r in read_records(results)}
@@ -205,7 +206,7 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
                              f" arguments ({recorded}, now {args}); run with the same options, another --out, or"
                              " rename the variant")
         if done[key].get("configs_sha", contents) != contents:  # stores written before it lack the field
-            files = ", ".join(c for c in [*(align_config or []), *finetune_config] if not c.startswith("{"))
+            files = ", ".join(c for c in configs if not c.startswith("{"))
             raise ConfigError(f"{results} records {variant.name}/{backbone}/seed {seed} with other configs or"
                              f" arguments: the contents of {files} changed since it ran; use another --out to"
                              " measure them as they are now")
