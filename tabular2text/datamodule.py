@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -86,12 +87,15 @@ class CTRDataModule(pl.LightningDataModule):
             hyper-parameters on more than one validation period; test is the same in every fold).
         text_cache_dir: where a frozen language tower's text vectors are cached (default: `text-vectors` in
             `cache_dir`).
+        split: `time` (the paper's 8:1:1 in time order) or `last_per_user` (each user's last interaction is
+            test, the one before it validation: DIN's protocol, Amazon Beauty's; benchmarks/protocol/).
     """
 
     def __init__(self, data_dir: str, download: bool = False, history_length: PositiveInt = 10,
                  template: str | dict[str, str] = "natural", batch_size: PositiveInt = 2048,
                  eval_batch_size: PositiveInt = 8192, num_workers: NonNegativeInt = 0, cache_dir: str | None = None,
-                 val_fold: NonNegativeInt = 0, text_cache_dir: str | None = None) -> None:
+                 val_fold: NonNegativeInt = 0, text_cache_dir: str | None = None,
+                 split: Literal["time", "last_per_user"] = "time") -> None:
         super().__init__()
         self.save_hyperparameters()
         if download:
@@ -99,7 +103,7 @@ class CTRDataModule(pl.LightningDataModule):
         # Prepared here, not in prepare_data(): the CLI links `feature_spec` into the model right after
         # this constructor. Preparation is cached and atomic, so every DDP rank may call it.
         self.prepared_dir = prepare(data_dir, cache_dir, history_length, template, val_fold,
-                                    cache_option="--data.cache_dir")
+                                    cache_option="--data.cache_dir", split=split)
         self.feature_spec = FeatureSpec.load(self.prepared_dir / "feature_spec.json")
         data_cache = Path(cache_dir or default_cache_dir()).expanduser()
         self.text_cache_dir = (origin(Path(text_cache_dir).expanduser(), "--data.text_cache_dir") if text_cache_dir
@@ -111,7 +115,8 @@ class CTRDataModule(pl.LightningDataModule):
 
     @property
     def text_splits(self) -> tuple[str, ...]:
-        """The splits before test, in time order: together the same rows in every val_fold, so the text
+        """The splits other than test (before it in time under `split: time`): together the same rows in every
+        val_fold, so the text
         vectors of stage 1 are encoded once for all folds."""
         return ("train", "val", "gap") if self.hparams.val_fold else ("train", "val")
 

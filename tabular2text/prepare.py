@@ -1,6 +1,7 @@
 """Raw table -> labelled, time-split, encoded and rendered parquet files plus a feature-spec JSON.
 
-    read_table (sources.py) -> sort by time -> behavior history -> labels -> 8:1:1 split
+    read_table (sources.py) -> sort by time -> behavior history -> labels -> split (8:1:1 by time, or each
+        user's last two interactions)
         -> vocabularies on train -> encode ids -> render text -> {train,val,test}.parquet + feature_spec.json
 
 The output directory is named by a fingerprint of the input files and every option, so an unchanged
@@ -42,6 +43,9 @@ from tabular2text.templates import MAX_VALUE_CHARS, TextRenderer, format_value, 
 FORMAT_VERSION = 6  # bump when the prepared layout or its semantics change (6: checksums in meta.json)
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+# How rows are split: `time`, the paper's 8:1:1 in time order; `last_per_user`, DIN's protocol on Amazon reviews:
+# each user's last interaction is test, the one before it validation (benchmarks/protocol/ says when to use it).
+SPLIT_RULES = ("time", "last_per_user")
 
 
 def default_cache_dir() -> Path:
@@ -310,16 +314,44 @@ def split_frame(frame: pd.DataFrame, name: str, val_fold: int = 0) -> dict[str, 
     return parts
 
 
-def labelled_splits(table: Table, val_fold: int = 0) -> dict[str, pd.DataFrame]:
-    """Raw rows with history and label, sorted by time and split 8:1:1 (the rows a scorer would see). A log
-    of positives only is split by its positives, each followed by its sampled negatives in its split."""
+def split_last_per_user(frame: pd.DataFrame, user: str | None, name: str) -> dict[str, pd.DataFrame]:
+    """Time-ordered rows -> train / val / test: each user's last row is test, the one before it val, the rest
+    train. A user with fewer than three rows, and a row without a user, stays in train. Each split keeps time
+    order and the positions of `frame` as its index."""
+    if user is None:
+        raise DataError(f"{name}: `split: last_per_user` needs a user-id field; use `split: time`")
+    users = pd.Series(pd.factorize(frame[user])[0], index=frame.index)
+    from_end = users.groupby(users).cumcount(ascending=False)  # 0: the user's last row
+    enough = (users >= 0) & (users.map(users.value_counts()) >= 3)
+    test, val = enough & (from_end == 0), enough & (from_end == 1)
+    parts = {"train": frame[~(test | val)], "val": frame[val], "test": frame[test]}
+    for split, part in parts.items():
+        if len(part) == 0:
+            raise DataError(f"{name}: the {split} split is empty under `split: last_per_user` (no user has three"
+                            " labelled rows); use `split: time`")
+    return parts
+
+
+def split_rows(frame: pd.DataFrame, table: Table, split: str, val_fold: int) -> dict[str, pd.DataFrame]:
+    """`frame` (time-ordered) -> its splits under the rule `split` (SPLIT_RULES)."""
+    if split == "time":
+        return split_frame(frame, table.name, val_fold)
+    if val_fold:
+        raise DataError(f"val_fold {val_fold} moves a block of time; it needs `split: time` (last_per_user has one"
+                        " validation row per user)")
+    return split_last_per_user(frame, table.user_field, table.name)
+
+
+def labelled_splits(table: Table, val_fold: int = 0, split: str = "time") -> dict[str, pd.DataFrame]:
+    """Raw rows with history and label, sorted by time and split by the rule `split` (the rows a scorer would
+    see). A log of positives only is split by its positives, each followed by its sampled negatives in its split."""
     frame = sort_by_time(table.frame, table.timestamp)
     if table.history is not None:
         h = table.history
         frame["history"] = build_history(frame, h.user, h.item, table.timestamp, h.length)
     frame["label"] = make_labels(frame, table)
     if table.negatives is None:
-        return split_frame(frame[frame["label"].notna()].reset_index(drop=True), table.name, val_fold)
+        return split_rows(frame[frame["label"].notna()].reset_index(drop=True), table, split, val_fold)
     drawn = sample_negatives(frame, table.negatives, table.user_field, table.item_field, table.timestamp)
     kept = (drawn >= 0).all(axis=1)
     if not kept.all():
@@ -327,8 +359,8 @@ def labelled_splits(table: Table, val_fold: int = 0) -> dict[str, pd.DataFrame]:
               " interacted with among the items seen before their time (the first ones in time); they are"
               " dropped (they still count in later histories)", file=sys.stderr)
     item_columns = [f.name for f in table.fields if f.side == "item" and f.name in frame]
-    parts = split_frame(frame[kept].reset_index(drop=True), table.name, val_fold)
-    drawn = drawn[kept]  # `split_frame` keeps the positions of the kept rows as each part's index
+    parts = split_rows(frame[kept].reset_index(drop=True), table, split, val_fold)
+    drawn = drawn[kept]  # each split keeps the positions of the kept rows as its index
     return {split: with_negatives(part, drawn[part.index.to_numpy()], frame, item_columns)
             for split, part in parts.items()}
 
@@ -357,20 +389,26 @@ def cache_origin(cache_dir: str | Path | None, option: str) -> Path:
 
 
 def prepare(data: str | Path, cache_dir: str | Path | None = None, history_length: int = 10,
-            template: str | dict[str, str] = "natural", val_fold: int = 0, cache_option: str = "--cache_dir") -> Path:
+            template: str | dict[str, str] = "natural", val_fold: int = 0, cache_option: str = "--cache_dir",
+            split: str = "time") -> Path:
     """Prepare `data` (a directory or a schema YAML) once; return the directory holding the result.
     val_fold: which time block before test validates (0: the last one; see `split_frame`).
+    split: the split rule, `time` (8:1:1) or `last_per_user` (see SPLIT_RULES).
     cache_option: the option `cache_dir` came from, named in errors about it."""
     try:
         preset(template)  # fail on a bad template before any work
     except ValueError as e:
         raise DataError(f"template: {e}") from None
+    if split not in SPLIT_RULES:
+        raise DataError(f"split: {split!r} is not a split rule; use one of {', '.join(SPLIT_RULES)}")
     table = read_table(Path(data).expanduser(), history_length)
     if table.note:
         print(table.note)
     options = {"history_length": history_length, "template": template, "split": SPLIT_FRACTIONS}
     if val_fold:  # absent for fold 0, so caches prepared before folds existed stay valid
         options["val_fold"] = val_fold
+    if split != "time":  # likewise absent for the rule every earlier cache used
+        options["split_by"] = split
     if table.negatives:  # the defaults of a folder without a schema live in code, not in any input file
         options["negatives"] = asdict(table.negatives)
     key = fingerprint(table, options)
@@ -383,7 +421,7 @@ def prepare(data: str | Path, cache_dir: str | Path | None = None, history_lengt
                       " preparing it again", stacklevel=2)
 
     warn_long_values(table)  # once, when the texts are rendered; a cached result was warned about then
-    parts = labelled_splits(table, val_fold)
+    parts = labelled_splits(table, val_fold, split)
     spec = build_spec(table, parts["train"])
 
     # Never removed in place: a concurrent run (another DDP rank) may have just finished the same result, and

@@ -27,6 +27,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 from jsonargparse import CLI
@@ -45,8 +46,8 @@ from towers.checkpoints import CheckpointError, ConfigError, NonFiniteLossError
 
 
 def prepare(*, data_dir: str, download: bool = False, history_length: PositiveInt = 10,
-            template: str | dict[str, str] = "natural", cache_dir: str | None = None, show: NonNegativeInt = 3
-            ) -> None:
+            template: str | dict[str, str] = "natural", cache_dir: str | None = None, show: NonNegativeInt = 3,
+            split: Literal["time", "last_per_user"] = "time") -> None:
     """Prepare a data set once (cached by fingerprint) and summarise it.
 
     Args:
@@ -57,11 +58,13 @@ def prepare(*, data_dir: str, download: bool = False, history_length: PositiveIn
             template names to format strings that replace those of natural.
         cache_dir: where prepared data lives (default $CTRL_CACHE_DIR or ~/.cache/ctrl-rec).
         show: how many rendered texts of the train split to print.
+        split: `time` (8:1:1 in time order) or `last_per_user` (each user's last interaction is test, the one
+            before it validation).
     """
     data_dir = resolve_config_path(data_dir)
     if download:
         ensure_movielens_100k(Path(data_dir).expanduser())
-    prepared = prepare_data(data_dir, cache_dir, history_length, template)
+    prepared = prepare_data(data_dir, cache_dir, history_length, template, split=split)
     print(f"prepared: {prepared}")
     print(f"{'split':<6} {'rows':>8} {'positive rate':>14}")
     for split in SPLITS:
