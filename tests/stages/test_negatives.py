@@ -11,7 +11,7 @@ from helpers import ML100K, small_config_dir
 
 from ctrl.app.cli import main
 from tabular2text.prepare import labelled_splits, prepare, sample_negatives
-from tabular2text.sources import NegativeRule, read_table
+from tabular2text.sources import DataError, NegativeRule, read_table
 
 AMAZON = ML100K.parent / "amazon-beauty"
 
@@ -78,6 +78,32 @@ def test_negatives_are_seeded_unseen_by_the_user_existing_then_and_not_in_histor
     assert (negatives.brand == "brand of " + negatives.item_id).all()
     other = labelled_splits(read_table(write_log(tmp_path / "other" / "log", rows, schema="negatives: {seed: 8}\n")))
     assert not pd.concat(other.values()).item_id.equals(frame.item_id)
+
+
+def test_last_per_user_tests_each_user_s_last_review_and_validates_the_one_before(tmp_path, capsys):
+    """U1 reviews at days 1..5, U2 at 2, 4, 6 (its last three), U3 only twice (stays in train): test holds
+    U1's day-5 and U2's day-6 review, val U1's day 4 and U2's day 4; each positive keeps its negative, and
+    histories still reach back over every split's earlier reviews."""
+    rows = [("U1", f"i{t}", t) for t in range(1, 6)] + [("U2", "j2", 2), ("U2", "j4", 4), ("U2", "j6", 6)]
+    rows += [("U3", "k1", 1), ("U3", "k3", 3)]
+    data = write_log(tmp_path / "log", rows, schema="negatives: {by: uniform}\n")
+    parts = labelled_splits(read_table(data), split="last_per_user")
+    positives = {name: sorted(zip(part.user_id[part.label == 1], part.timestamp[part.label == 1], strict=True))
+                 for name, part in parts.items()}
+    assert positives["test"] == [("U1", 5), ("U2", 6)] and positives["val"] == [("U1", 4), ("U2", 4)]
+    assert [u for u, _ in positives["train"]].count("U3") == 1  # its first review has no earlier item: dropped
+    for part in parts.values():  # every positive followed by its negative, of the same user and time
+        assert part.label.tolist() == [1.0, 0.0] * (len(part) // 2)
+        assert part.user_id.iloc[::2].tolist() == part.user_id.iloc[1::2].tolist()
+    test = parts["test"][parts["test"].label == 1].set_index("user_id")
+    assert list(test.history["U1"]) == ["i1", "i2", "i3", "i4"] and list(test.history["U2"]) == ["j2", "j4"]
+    with pytest.raises(DataError, match="val_fold 1 moves a block of time; it needs `split: time`"):
+        labelled_splits(read_table(data), val_fold=1, split="last_per_user")
+    cache = tmp_path / "cache"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--data_dir", str(data), "--cache_dir", str(cache), "--split", "last_of_user"])
+    assert exit_info.value.code == 2 and "Literal['time', 'last_per_user']" in capsys.readouterr().err
+    assert prepare(data, cache, split="last_per_user") != prepare(data, cache)  # its own prepared folder
 
 
 def test_popularity_draws_by_recent_interactions_and_uniform_evenly():
