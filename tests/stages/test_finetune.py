@@ -117,9 +117,9 @@ def test_a_backbone_overlay_states_its_class_and_all_of_its_init_args():
     from towers import named_backbone
 
     overlays = sorted((ROOT / "configs").glob("*/finetune*/*.yaml"))
-    assert {p.relative_to(CONFIGS).as_posix() for p in overlays} == {
-        f"{stage}/{backbone}.yaml" for stage in ("finetune", "finetune_aligned")
-        for backbone in ("wide_deep", "deepfm", "dcn", "autoint")}
+    assert {p.relative_to(ROOT / "configs").as_posix() for p in overlays} == {
+        f"{data}/{stage}/{backbone}.yaml" for data in ("ml100k", "amazon-beauty")
+        for stage in ("finetune", "finetune_aligned") for backbone in ("wide_deep", "deepfm", "dcn", "autoint")}
     for path in overlays:
         backbone = yaml.safe_load(path.read_text())["model"]["init_args"]["backbone"]
         assert backbone["class_path"] == named_backbone(path.stem)["class_path"]
@@ -145,9 +145,10 @@ def test_the_configs_of_a_stage_in_merge_order():
                                                             "finetune_aligned.yaml", "finetune_aligned/autoint.yaml"]
     assert names(shipped, "finetune", "pnn", True) == ["finetune.yaml", "finetune_aligned.yaml"]
     assert names(shipped, "align", "autoint", True) == ["align.yaml"]  # stage 1 has no aligned overlay
-    # a data set with nothing tuned yet: the bases and the backbone alone, CTRL's stage 2 as the baseline's
+    # a data set with per-backbone values only: a backbone without them takes the bases, CTRL's stage 2 included
     beauty = ROOT / "configs" / "amazon-beauty"
-    assert names(beauty, "finetune", "dcn", True) == names(beauty, "finetune", "dcn", False) == ["finetune.yaml"]
+    assert names(beauty, "finetune", "dcn", True) == ["finetune.yaml", "finetune/dcn.yaml", "finetune_aligned/dcn.yaml"]
+    assert names(beauty, "finetune", "pnn", True) == names(beauty, "finetune", "pnn", False) == ["finetune.yaml"]
     with pytest.raises(ConfigError, match="unknown backbone 'dnc'; known: wide_deep, deepfm, dcn"):
         stage_configs(shipped, "finetune", "dnc")
 
