@@ -14,14 +14,16 @@ class MLP(nn.Module):
     Args:
         in_dim: input width D.
         dims: hidden sizes; empty means identity (the output is the input).
-        dropout: dropout probability after each activation.
+        dropout: dropout probability after each activation; None for no dropout layer at all. A number, 0
+            included, always adds the layer, so the weights' names do not depend on it: a tower aligned at one
+            dropout initialises one fine-tuned at another (dropout 0 in stage 2 after 0.1 in stage 1).
         batch_norm: whether to normalise each hidden layer before the activation.
 
     Shapes: B x D -> B x dims[-1].
     """
 
     def __init__(
-        self, in_dim: int, dims: Sequence[int], dropout: float = 0.0, batch_norm: bool = False
+        self, in_dim: int, dims: Sequence[int], dropout: float | None = None, batch_norm: bool = False
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -30,7 +32,7 @@ class MLP(nn.Module):
             if batch_norm:
                 layers.append(nn.BatchNorm1d(width))
             layers.append(nn.ReLU())
-            if dropout > 0:
+            if dropout is not None:
                 layers.append(nn.Dropout(dropout))
             in_dim = width
         self.layers = nn.Sequential(*layers)

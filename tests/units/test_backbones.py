@@ -127,6 +127,15 @@ def test_paper_defaults():
         assert defaults["batch_norm"] and 0 < defaults["dropout"] < 1
 
 
+def test_a_tower_s_weights_load_into_the_same_backbone_at_any_dropout(spec):
+    """Stage 1 at one dropout, stage 2 at another (0 included): the weights' names do not depend on it."""
+    for name, cls in BACKBONES.items():
+        aligned = cls(spec, embed_dim=8, dropout=0.1).state_dict()
+        for dropout in (0.0, 0.5):
+            cls(spec, embed_dim=8, dropout=dropout).load_state_dict(aligned)  # strict: raises on any other name
+        assert any("deep" in key for key in aligned), name
+
+
 def test_backbone_config_rebuilds_the_same_tower(spec):
     """From a class, a functools.partial and what jsonargparse builds of a class_path config alike."""
     from collections.abc import Callable
