@@ -179,8 +179,11 @@ def run(*, backbone: str = "dcn", config_dir: str = "configs/ml100k", baseline: 
     phases["export"] = exporter.seconds
     export_dir = exporter.export_dir
     with timed(phases, "score export"):
-        # A fresh load of the export scores the raw test rows, as a serving system would.
-        test_rows = labelled_splits(read_table(Path(stage2.datamodule.hparams.data_dir)))["test"]
+        # A fresh load of the export scores the raw test rows, as a serving system would: the rows of the split
+        # the trainer tested, from the raw table read with the data module's options.
+        data = stage2.datamodule.hparams
+        test_rows = labelled_splits(read_table(Path(data.data_dir), data.history_length), data.val_fold,
+                                    data.split)["test"]
         probs = torch.as_tensor(load_scorer(export_dir)(test_rows))
         labels = torch.tensor(test_rows["label"].to_numpy(), dtype=torch.float32)
         auc = DefinedAUROC()

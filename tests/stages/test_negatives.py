@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from helpers import ML100K, small_config_dir
 
 from ctrl.app.cli import main
@@ -170,9 +171,14 @@ def test_a_slice_of_amazon_beauty_prepares_trains_exports_and_scores(tmp_path, b
                     " schema YAML whose `data:` is this directory"]
     assert "This is an item, title is" in out and out.count("0.5000") == 3  # every split: one negative per positive
     configs = small_config_dir(tmp_path / "configs", bert_dir, tmp_path / "text-vectors")
+    for stage in ("align", "finetune"):  # Amazon Beauty's split, as configs/amazon-beauty/ gives it
+        config = yaml.safe_load((configs / f"{stage}.yaml").read_text())
+        config["data"]["split"] = "last_per_user"
+        (configs / f"{stage}.yaml").write_text(yaml.safe_dump(config))
     main(["run", "--config_dir", str(configs), "--data_dir", str(data), "--out", str(tmp_path / "run")])
-    assert "test AUC" in capsys.readouterr().out
-    rows = labelled_splits(read_table(data))["test"].head(50)
+    test = labelled_splits(read_table(data), split="last_per_user")["test"]
+    assert f"(exported model, {len(test)} raw test rows)" in capsys.readouterr().out  # the trainer's test rows
+    rows = test.head(50).copy()
     rows["history"] = ["|".join(h) for h in rows.history]  # as a file of new rows holds it
     rows.drop(columns=["label"]).to_parquet(tmp_path / "rows.parquet")
     main(["score", "--model", str(tmp_path / "run" / "finetune" / "export"), "--rows", str(tmp_path / "rows.parquet"),
