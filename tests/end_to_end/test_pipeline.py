@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import ML100K_DROPOUT, ML100K_DROPOUT_OTHERS, small_config, wandb_records, write_small_ml1m  # noqa: F401 (shared)
+from helpers import (  # noqa: F401 (shared)
+    AMAZON_BEAUTY_DROPOUT,
+    ML100K_DROPOUT,
+    ML100K_DROPOUT_OTHERS,
+    small_config,
+    wandb_records,
+    write_small_ml1m,
+)
 
 from ctrl.app.cli import main
 from ctrl.app.pipeline import stage_configs
@@ -40,9 +47,11 @@ def test_every_stage_of_every_data_set_and_backbone_parses(config_dir, backbone,
 
 
 def shipped_dropout(data_set: str, stage: str, aligned: bool, backbone: str) -> float:
-    """ML-100K's tuned stage-2 dropout; elsewhere, and in stage 1, the stages' 0.1."""
-    if data_set != "ml100k" or stage == "align":
+    """A data set's tuned stage-2 dropout; in stage 1, and where nothing was tuned, the stages' 0.1."""
+    if stage == "align":
         return 0.1
+    if data_set == "amazon-beauty":
+        return AMAZON_BEAUTY_DROPOUT.get(backbone, (0.1, 0.1))[aligned]
     return ML100K_DROPOUT.get(backbone, ML100K_DROPOUT_OTHERS)[aligned]
 
 
