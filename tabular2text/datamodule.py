@@ -7,7 +7,6 @@ import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tabular2text.download import ensure_movielens_100k
 from tabular2text.encode import frame_to_tensors
 from tabular2text.oserrors import origin
-from tabular2text.prepare import SPLITS, default_cache_dir, prepare, read_split
+from tabular2text.prepare import SPLITS, SplitRule, default_cache_dir, prepare, read_split
 from tabular2text.schema import FeatureSpec
 from tabular2text.sources import DataError
 from tabular2text.text_side import TextSide
@@ -95,7 +94,7 @@ class CTRDataModule(pl.LightningDataModule):
                  template: str | dict[str, str] = "natural", batch_size: PositiveInt = 2048,
                  eval_batch_size: PositiveInt = 8192, num_workers: NonNegativeInt = 0, cache_dir: str | None = None,
                  val_fold: NonNegativeInt = 0, text_cache_dir: str | None = None,
-                 split: Literal["time", "last_per_user"] = "time") -> None:
+                 split: SplitRule = "time") -> None:
         super().__init__()
         self.save_hyperparameters()
         if download:
@@ -116,8 +115,7 @@ class CTRDataModule(pl.LightningDataModule):
     @property
     def text_splits(self) -> tuple[str, ...]:
         """The splits other than test (before it in time under `split: time`): together the same rows in every
-        val_fold, so the text
-        vectors of stage 1 are encoded once for all folds."""
+        val_fold, so the text vectors of stage 1 are encoded once for all folds."""
         return ("train", "val", "gap") if self.hparams.val_fold else ("train", "val")
 
     def setup(self, stage: str) -> None:

@@ -18,6 +18,7 @@ import sys
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,7 @@ SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 # How rows are split: `time`, the paper's 8:1:1 in time order; `last_per_user`, DIN's protocol on Amazon reviews:
 # each user's last interaction is test, the one before it validation (benchmarks/protocol/ says when to use it).
-SPLIT_RULES = ("time", "last_per_user")
+SplitRule = Literal["time", "last_per_user"]
 
 
 def default_cache_dir() -> Path:
@@ -332,8 +333,8 @@ def split_last_per_user(frame: pd.DataFrame, user: str | None, name: str) -> dic
     return parts
 
 
-def split_rows(frame: pd.DataFrame, table: Table, split: str, val_fold: int) -> dict[str, pd.DataFrame]:
-    """`frame` (time-ordered) -> its splits under the rule `split` (SPLIT_RULES)."""
+def split_rows(frame: pd.DataFrame, table: Table, split: SplitRule, val_fold: int) -> dict[str, pd.DataFrame]:
+    """`frame` (time-ordered) -> its splits under the rule `split` (SplitRule)."""
     if split == "time":
         return split_frame(frame, table.name, val_fold)
     if val_fold:
@@ -342,7 +343,7 @@ def split_rows(frame: pd.DataFrame, table: Table, split: str, val_fold: int) -> 
     return split_last_per_user(frame, table.user_field, table.name)
 
 
-def labelled_splits(table: Table, val_fold: int = 0, split: str = "time") -> dict[str, pd.DataFrame]:
+def labelled_splits(table: Table, val_fold: int = 0, split: SplitRule = "time") -> dict[str, pd.DataFrame]:
     """Raw rows with history and label, sorted by time and split by the rule `split` (the rows a scorer would
     see). A log of positives only is split by its positives, each followed by its sampled negatives in its split."""
     frame = sort_by_time(table.frame, table.timestamp)
@@ -390,17 +391,17 @@ def cache_origin(cache_dir: str | Path | None, option: str) -> Path:
 
 def prepare(data: str | Path, cache_dir: str | Path | None = None, history_length: int = 10,
             template: str | dict[str, str] = "natural", val_fold: int = 0, cache_option: str = "--cache_dir",
-            split: str = "time") -> Path:
+            split: SplitRule = "time") -> Path:
     """Prepare `data` (a directory or a schema YAML) once; return the directory holding the result.
     val_fold: which time block before test validates (0: the last one; see `split_frame`).
-    split: the split rule, `time` (8:1:1) or `last_per_user` (see SPLIT_RULES).
+    split: the split rule, `time` (8:1:1) or `last_per_user` (see SplitRule).
     cache_option: the option `cache_dir` came from, named in errors about it."""
     try:
         preset(template)  # fail on a bad template before any work
     except ValueError as e:
         raise DataError(f"template: {e}") from None
-    if split not in SPLIT_RULES:
-        raise DataError(f"split: {split!r} is not a split rule; use one of {', '.join(SPLIT_RULES)}")
+    if split not in get_args(SplitRule):
+        raise DataError(f"split: {split!r} is not a split rule; use one of {', '.join(get_args(SplitRule))}")
     table = read_table(Path(data).expanduser(), history_length)
     if table.note:
         print(table.note)

@@ -27,7 +27,6 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 from jsonargparse import CLI
@@ -37,7 +36,7 @@ from ctrl.app.console import quiet_console
 from ctrl.app.paths import resolve_config_args, resolve_config_path
 from tabular2text.download import ensure_movielens_100k
 from tabular2text.oserrors import PathError, forget_origins, origin, path_error
-from tabular2text.prepare import SPLITS
+from tabular2text.prepare import SPLITS, SplitRule
 from tabular2text.prepare import prepare as prepare_data
 from tabular2text.sources import DataError
 from towers.checkpoints import CheckpointError, ConfigError, NonFiniteLossError
@@ -47,7 +46,7 @@ from towers.checkpoints import CheckpointError, ConfigError, NonFiniteLossError
 
 def prepare(*, data_dir: str, download: bool = False, history_length: PositiveInt = 10,
             template: str | dict[str, str] = "natural", cache_dir: str | None = None, show: NonNegativeInt = 3,
-            split: Literal["time", "last_per_user"] = "time") -> None:
+            split: SplitRule = "time") -> None:
     """Prepare a data set once (cached by fingerprint) and summarise it.
 
     Args:
