@@ -138,17 +138,30 @@ def command(name: str):
     return target
 
 
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # what wandb's settings accept
+
+
+def wandb_mode() -> None:
+    """W&B runs offline unless WANDB_API_KEY is set; an empty WANDB_MODE counts as unset, and a value wandb
+    does not know is refused here, before any work, instead of deep in a fit's logger."""
+    mode = os.environ.get("WANDB_MODE", "").strip()
+    if mode and mode not in WANDB_MODES:
+        raise ConfigError(f"the environment's WANDB_MODE={mode!r} is not a W&B mode; set it to one of"
+                          f" {', '.join(WANDB_MODES[:3])} or unset it (offline without WANDB_API_KEY)")
+    if not mode:
+        os.environ["WANDB_MODE"] = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     quiet_console()
-    if not os.environ.get("WANDB_API_KEY"):
-        os.environ.setdefault("WANDB_MODE", "offline")
     if argv in ([], ["-h"], ["--help"]):
         usage = "usage: ctrl COMMAND ...\n\n" + __doc__.split("\n\n")[1].replace("    ctrl", "ctrl").rstrip()
         print(usage, file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
     forget_origins()  # the paths of an earlier call in this process (tests, notebooks) name nothing now
     try:
+        wandb_mode()
         if argv and argv[0] in COMMANDS:
             CLI({argv[0]: command(argv[0])}, args=resolve_config_args(argv))
         else:

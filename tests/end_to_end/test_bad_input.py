@@ -766,3 +766,20 @@ def test_scoring_rows_with_numbers_out_of_range_is_refused_by_row_and_column(tmp
     with pytest.raises(DataError, match=r"new.csv: row 2, column 'price': inf is out of range \(finite, at most"):
         encode_rows(rows, spec, "new.csv")
     assert encode_rows(rows.iloc[:1], spec)["price"].notna().all()
+
+
+@pytest.mark.parametrize("mode", ["", "  ", "foo"])
+def test_wandb_mode_empty_counts_as_unset_and_an_unknown_one_is_refused_before_any_work(monkeypatch, capsys,
+                                                                                        tmp_path, mode):
+    monkeypatch.setenv("WANDB_MODE", mode)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "cache"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--data_dir", str(ML100K), "--cache_dir", str(out)] if mode == "foo" else
+             ["fit", *ml100k_configs("finetune"), "--print_config"])
+    err = capsys.readouterr().err
+    if mode == "foo":
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and not out.exists(), err
+        assert "WANDB_MODE='foo' is not a W&B mode" in err and "online, offline, disabled" in err
+    else:  # --print_config exits 0 once the config parsed: the fit would run offline
+        assert exit_info.value.code == 0 and os.environ["WANDB_MODE"] == "offline", err
