@@ -107,7 +107,7 @@ class AlignmentModule(pl.LightningModule):
         text_precision: Precision = "auto",
         text_granularity: Literal["row", "entity"] = "row",
         proj_dim: PositiveInt = 128,
-        num_subspaces: PositiveInt = 4,
+        num_subspaces: PositiveInt = 2,
         subspace_dim: PositiveInt = 32,
         temperature: PositiveFloat = 0.7,
         coarse_weight: NonNegativeFloat = 1.0,
