@@ -17,7 +17,7 @@ STAGES = ROOT / "configs" / "stages"  # the stages' bases, the same on every dat
 CONFIGS = ROOT / "configs" / "ml100k"  # what is ML-100K's own: its data and tuned values
 # ML-100K's stage-2 dropout, (baseline, CTRL), as `ctrl bench --tune true` chose it for the four paper backbones
 # (benchmarks/headline_ml100k/); the other backbones take round 2l's 0.8 / 0.7 (configs/ml100k/finetune*.yaml)
-ML100K_DROPOUT = {"wide_deep": (0.8, 0.8), "deepfm": (0.8, 0.8), "dcn": (0.5, 0.8), "autoint": (0.3, 0.7)}
+ML100K_DROPOUT = {"wide_deep": (0.8, 0.8), "deepfm": (0.8, 0.8), "dcn": (0.5, 0.3), "autoint": (0.3, 0.7)}
 ML100K_DROPOUT_OTHERS = (0.8, 0.7)
 # Amazon Beauty's, likewise (benchmarks/headline_amazon_beauty/); the other backbones take the stages' 0.1
 AMAZON_BEAUTY_DROPOUT = {"wide_deep": (0.3, 0.1), "deepfm": (0.1, 0.1), "dcn": (0.1, 0.1), "autoint": (0.3, 0.1)}
