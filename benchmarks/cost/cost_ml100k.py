@@ -44,6 +44,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
 
+from ctrl.app.cli import wandb_mode
 from ctrl.app.pipeline import finish_wandb, run
 from ctrl.app.report import cpu_model
 from finetune.export import Scorer, encode_rows, load_model
@@ -212,8 +213,7 @@ def main(data_dir: str = "../shared/data/ml-100k", ctrl_export: list[str] | None
                            text_cache_dir=text_cache_dir, run_dir=Path(run_dir) if run_dir else None, threads=threads,
                            out=Path(out))
     torch.set_num_threads(args.threads)
-    if not os.environ.get("WANDB_API_KEY"):
-        os.environ.setdefault("WANDB_MODE", "offline")
+    wandb_mode()  # offline without a key, as `ctrl` runs
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="cost-ml100k-"))
 
     # (a) the exports: plain backbones trained here, CTRL exports given
