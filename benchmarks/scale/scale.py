@@ -11,9 +11,11 @@ resident memory (max RSS) are the process's own:
                  `--row_texts` pairs are encoded into it with `FrozenEncoder` (text_precision auto): the memory
                  profile of the full job, for a measured share of its time;
   stage1         `ctrl fit` of configs/stages/ + ml100k/align.yaml, 1 epoch, the default entity text (one text
-                 per user and per item, encoding included);
+                 per user and per item, encoding included), under Lightning's simple profiler: its ms per training
+                 step and the texts it encoded per second of the module's setup (the model's load included);
   stage2         `ctrl fit` of configs/stages/ + ml100k/finetune.yaml, 1 epoch, from stage 1's checkpoint.
-Prints a markdown table of the phases; `scale.md` holds it with the extrapolation.
+Prints a markdown table of the phases; `scale.md` holds it with the extrapolation. The configs' `accelerator: auto`
+trains and encodes on a GPU where torch sees one; the machine line then names it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from ctrl.app.report import cpu_model
+import numpy as np
+
+from ctrl.app.report import machine
 
 ENCODE_ROWS = """
 import json, sys, time
@@ -67,6 +71,14 @@ def timed(command: list[str], log: Path, env: dict[str, str]) -> dict:
     return {"seconds": wall, "rss_gb": rss, "stdout": done.stdout}
 
 
+def profiled(text: str, action: str) -> tuple[float, int]:
+    """(total seconds, calls) of one action in Lightning's simple profiler table."""
+    row = re.search(rf"\|\s+{re.escape(action)}\s+\|\s+\S+\s+\|\s+(\d+)\s+\|\s+([\d.e+-]+)\s+\|", text)
+    if row is None:
+        raise RuntimeError(f"no '{action}' in the profiler's table")
+    return float(row.group(2)), int(row.group(1))
+
+
 def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_texts: int = 20000) -> None:
     """Run the phases and print their table.
 
@@ -88,8 +100,14 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
     results["encode_rows"].update(json.loads(results["encode_rows"]["stdout"].strip().splitlines()[-1]))
     common = ["--data.data_dir", data_dir, "--trainer.max_epochs", "1", "--trainer.logger", "false"]
     results["stage1"] = timed([*ctrl, "fit", "--config", str(stages / "align.yaml"), "--config",
-                               str(configs / "align.yaml"), *common, "--trainer.default_root_dir", str(root / "align")],
-                              root / "stage1.log", env)
+                               str(configs / "align.yaml"), *common, "--trainer.profiler", "simple",
+                               "--trainer.default_root_dir", str(root / "align")], root / "stage1.log", env)
+    profile = results["stage1"]["stdout"] + (root / "stage1.log").read_text()
+    steps_seconds, steps = profiled(profile, "run_training_batch")
+    setup_seconds, _ = profiled(profile, "[LightningModule]AlignmentModule.setup")
+    (texts,) = [np.load(f, mmap_mode="r").shape[0] for f in (root / "cache" / "text-vectors").glob("*/vectors.npy")]
+    results["stage1"].update(steps=steps, ms_per_step=1000 * steps_seconds / steps, setup_seconds=setup_seconds,
+                             texts=texts)
     results["stage2"] = timed([*ctrl, "fit", "--config", str(stages / "finetune.yaml"), "--config",
                                str(configs / "finetune.yaml"), *common,
                                "--model.init_args.init_from", str(root / "align" / "checkpoints" / "best.ckpt"),
@@ -98,7 +116,7 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
     rows = {split: v["rows"] for split, v in meta["splits"].items()}
     enc = results["encode_rows"]
     rate = enc["encoded"] / enc["encode_seconds"]
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; data {data_dir}:"
+    print(f"machine: {machine()}; data {data_dir}:"
           f" {sum(rows.values()):,} labelled rows ({rows['train']:,} train, {rows['val']:,} val,"
           f" {rows['test']:,} test)")
     print("\n| phase | wall s | peak RSS GB | note |\n|---|---|---|---|")
@@ -107,8 +125,11 @@ def main(data_dir: str = "/tmp/ml-1m-synthetic", work: str = "/tmp/scale", row_t
           f" distinct train+val pairs encoded in {enc['encode_seconds']:.1f} s,"
           f" {rate:.1f} texts/s ({enc['precision']}); all {enc['distinct']:,}:"
           f" {enc['distinct'] / rate / 60:.0f} min |")
-    for name in ("stage1", "stage2"):
-        print(f"| {name} | {results[name]['seconds']:.1f} | {results[name]['rss_gb']:.2f} | 1 epoch |")
+    one = results["stage1"]
+    print(f"| stage1 | {one['seconds']:.1f} | {one['rss_gb']:.2f} | 1 epoch: {one['steps']} steps,"
+          f" {one['ms_per_step']:.0f} ms a step; setup {one['setup_seconds']:.1f} s encoding {one['texts']:,} entity"
+          f" texts ({one['texts'] / one['setup_seconds']:.0f} texts/s, the model's load included) |")
+    print(f"| stage2 | {results['stage2']['seconds']:.1f} | {results['stage2']['rss_gb']:.2f} | 1 epoch |")
     (root / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "stdout"}
                                                    for k, v in results.items()} | {"rows": rows}, indent=1))
 

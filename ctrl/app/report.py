@@ -52,18 +52,24 @@ def command_line() -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    """The CPU's model name and the instructions that decide our speed on it (bf16 in AMX or AVX512, else AVX2),
+    from /proc/cpuinfo where there is one: "Intel(R) Xeon(R) Processor with AMX, AVX512-BF16"."""
     cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    shown = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    shown = shown or (["AVX2"] if "avx2" in flags else [])
+    name = name or platform.processor() or platform.machine()
+    return f"{name} with {', '.join(shown)}" if shown else name
 
 
 def machine() -> str:
-    """One line for a report: CPU, cores, architecture and the versions that decide speed and results."""
-    return (f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}, Lightning"
-            f" {pl.__version__}, Python {platform.python_version()}")
+    """One line for a report: CPU, cores, GPU (when torch sees one), architecture and the versions that decide
+    speed and results."""
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}){gpu}, torch {torch.__version__},"
+            f" Lightning {pl.__version__}, Python {platform.python_version()}")
 
 
 def trained_on(records: list[dict]) -> str:
