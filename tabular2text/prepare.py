@@ -368,7 +368,12 @@ def labelled_splits(table: Table, val_fold: int = 0, split: SplitRule = "time") 
 
 def read_split(path: Path) -> pd.DataFrame:
     """A prepared split as written: list columns (id lists) come back as Arrow lists, not an array per row."""
-    return pq.read_table(path).to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if is_list_type(t) else None)
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:  # Arrow's message is the bare path
+        raise DataError(f"prepared split {path} is gone: its cache folder was removed while this run used it; run"
+                        " the command again to prepare it anew (and leave a cache in use alone)") from None
+    return table.to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if is_list_type(t) else None)
 
 
 def damaged_file(prepared: Path) -> str | None:

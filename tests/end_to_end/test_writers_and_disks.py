@@ -21,7 +21,8 @@ import tabular2text.prepare
 from ctrl.app.cli import main
 from tabular2text.atomic import atomic_path
 from tabular2text.oserrors import forget_origins, origin, path_error
-from tabular2text.prepare import damaged_file
+from tabular2text.prepare import damaged_file, prepare, read_split
+from tabular2text.sources import DataError
 from tabular2text.text_vectors import TextVectorCache
 
 TEXTS = [f"text number {i}" for i in range(50)]
@@ -84,6 +85,15 @@ texts = sorted(f"text number {i}" for i in range(50))
 vectors = TextVectorCache(sys.argv[1]).build(Encoder(), texts, pairs=False)
 print(float(np.asarray(vectors).sum()))
 """
+
+
+def test_a_prepared_split_removed_while_in_use_is_one_line_saying_to_run_again(tmp_path):
+    """A run reads its splits when it needs them; one whose cache folder was deleted meanwhile (a user clearing the
+    cache) says so and what to do, not Arrow's bare path."""
+    out = prepare(str(write_generic(tmp_path / "g")), str(tmp_path / "cache"))
+    (out / "val.parquet").unlink()
+    with pytest.raises(DataError, match=r"^prepared split .*val\.parquet is gone: .*run the command again"):
+        read_split(out / "val.parquet")
 
 
 def test_concurrent_writers_of_one_text_vector_entry_all_succeed_and_leave_it_whole(tmp_path):
