@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.utilities import dim_zero_cat
 
@@ -123,6 +123,9 @@ class CTRModule(pl.LightningModule):
         self.model = CTRModel(make_tower(backbone, self.spec))
         self.auc = nn.ModuleDict({s: DefinedAUROC() for s in EVAL_SLICES})
         self.logloss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SLICES})
+        # each slice's size beside its metrics: a cold-start AUC of a dozen rows is not a result
+        self.rows = nn.ModuleDict({s: SumMetric() for s in EVAL_SLICES})
+        self.positives = nn.ModuleDict({s: SumMetric() for s in EVAL_SLICES})
         self.anchor: dict[str, torch.Tensor] = {}  # the aligned start of the proximal term (not saved)
 
     def setup(self, stage: str) -> None:
@@ -177,9 +180,12 @@ class CTRModule(pl.LightningModule):
     def _update(self, name: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.auc[name].update(torch.sigmoid(logits), labels.long())
         self.logloss[name].update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        self.rows[name].update(torch.ones_like(labels))
+        self.positives[name].update(labels)
         # Passing the metric objects makes Lightning compute them once per epoch over all rows.
-        self.log(f"{name}/auc", self.auc[name], on_step=False, on_epoch=True)
-        self.log(f"{name}/logloss", self.logloss[name], on_step=False, on_epoch=True)
+        for metric, values in (("auc", self.auc), ("logloss", self.logloss), ("rows", self.rows),
+                               ("positives", self.positives)):
+            self.log(f"{name}/{metric}", values[name], on_step=False, on_epoch=True)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._update("val", self(batch), batch["label"])

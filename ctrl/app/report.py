@@ -155,7 +155,7 @@ def p_text(p: float) -> str:
 
 def comparison_table(records: list[dict], backbones: list[str], slice_: str) -> list[str]:
     lines = ["| backbone | seeds | base AUC | CTRL AUC | RelaImpr | p (paired t, one-sided: CTRL > base)"
-             " | base logloss | CTRL logloss |", "|---|---|---|---|---|---|---|---|"]
+             " | base logloss | CTRL logloss | rows (clicks) |", "|---|---|---|---|---|---|---|---|---|"]
     for backbone in backbones:
         auc, logloss = (compare(records, backbone, f"{slice_}/{m}") for m in ("auc", "logloss"))
         if auc is None:
@@ -163,8 +163,15 @@ def comparison_table(records: list[dict], backbones: list[str], slice_: str) -> 
         base_loss, ctrl_loss = (pm(logloss[v], logloss[f"{v}_std"]) for v in (BASE, CTRL)) if logloss else ("n/a",) * 2
         lines.append(f"| {backbone} | {auc['seeds']} | {pm(auc['base'], auc['base_std'])}"
                      f" | {pm(auc['ctrl'], auc['ctrl_std'])} | {gain_text(auc['ctrl'], auc['base'])}"
-                     f" | {p_text(auc['p'])} | {base_loss} | {ctrl_loss} |")
+                     f" | {p_text(auc['p'])} | {base_loss} | {ctrl_loss} | {slice_size(records, backbone, slice_)} |")
     return lines if len(lines) > 2 else ["No backbone has runs of both variants with this slice."]
+
+
+def slice_size(records: list[dict], backbone: str, slice_: str) -> str:
+    """The slice's test rows and clicks, as its runs recorded them ("n/a" for runs recorded before they were)."""
+    run = next((r["metrics"] for r in records if r["backbone"] == backbone and r["variant"] in (BASE, CTRL)
+                and f"{slice_}/rows" in r["metrics"]), None)
+    return f"{run[f'{slice_}/rows']:,.0f} ({run[f'{slice_}/positives']:,.0f})" if run else "n/a"
 
 
 def variants_table(records: list[dict], backbones: list[str]) -> list[str]:
@@ -292,7 +299,8 @@ def write_report(records: list[dict], backbones: list[str], report: Path, plot: 
         "",
         "Per backbone, over the seeds both variants ran: mean ± sample std (ddof 1) of the best-on-validation"
         " checkpoint's test metrics; RelaImpr = ((AUC_CTRL - 0.5) / (AUC_base - 0.5) - 1) x 100 of the means;"
-        " p from scipy.stats.ttest_rel on the per-seed AUCs paired by seed, one-sided (alternative: CTRL > base).",
+        " p from scipy.stats.ttest_rel on the per-seed AUCs paired by seed, one-sided (alternative: CTRL > base);"
+        " rows (clicks): the slice's size as its runs logged it (n/a: runs recorded before they logged it).",
         "",
         *included(list(preface)),
     ]

@@ -137,7 +137,8 @@ def test_report_decides_on_validation_and_covers_the_cold_start_slice(tmp_path):
                                    ("fine_only", 0.69, 0.80)):
             noise = rng.normal(0, 0.005, 5)
             metrics = {"val/auc": val + noise[0], "test/auc": test + noise[1], "test/logloss": 0.5 + noise[2],
-                       "test_cold/auc": test - 0.05 + noise[3], "test_cold/logloss": 0.6 + noise[4]}
+                       "test_cold/auc": test - 0.05 + noise[3], "test_cold/logloss": 0.6 + noise[4],
+                       "test_cold/rows": 1300.0, "test_cold/positives": 612.0}
             records.append({"variant": variant, "backbone": "dcn", "seed": seed, "metrics": metrics,
                             "phases": {"stage 2": 1.0}, "overrides": {"both": [], "align": [], "finetune": []},
                             "command": "ctrl bench"})
@@ -150,6 +151,8 @@ def test_report_decides_on_validation_and_covers_the_cold_start_slice(tmp_path):
     order = [report.index(h) for h in ("## Verdict per data set", "## Test AUC and logloss", "## Cost")]
     assert order == sorted(order)
     assert_comparison_row(report, "cold start", records, "test_cold")
+    assert table_row(report, "cold start", "dcn")[8] == "1,300 (612)"  # the slice's rows (clicks)
+    assert table_row(report, "all test rows", "dcn")[8] == "n/a"  # runs recorded without the test slice's size
     # the machines are the records' own: these were recorded without one
     assert "Machines that trained the runs: not recorded (12 runs)." in report
     # best on validation (coarse_only), not on test (fine_only)

@@ -1,5 +1,6 @@
 """Metrics agree with an independent AUC, are computed per epoch, and CTRModule runs end to end."""
 
+import dataclasses
 from functools import partial
 
 import numpy as np
@@ -63,7 +64,7 @@ def test_ctr_module_fast_dev_run(spec, backbone):
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
 
     (results,) = fit.test(module, data, verbose=False)
-    assert set(results) == {"test/auc", "test/logloss"}
+    assert set(results) == {"test/auc", "test/logloss", "test/rows", "test/positives"}
     assert 0 <= results["test/auc"] <= 1 and results["test/logloss"] > 0
 
     probabilities = torch.cat([p["probability"] for p in fit.predict(module, data)])
@@ -87,9 +88,31 @@ def test_validation_metrics_are_epoch_level(spec):
     epoch_logloss = F.binary_cross_entropy_with_logits(torch.cat(logits), torch.cat(labels)).item()
     assert results["val/auc"] == pytest.approx(epoch_auc, abs=1e-6)
     assert results["val/logloss"] == pytest.approx(epoch_logloss, abs=1e-6)
+    assert (results["val/rows"], results["val/positives"]) == (56, targets.sum())
 
     batch_mean_auc = np.mean([rank_auc(s.numpy(), y.numpy()) for s, y in zip(logits, labels, strict=True)])
     assert abs(batch_mean_auc - epoch_auc) > 1e-3  # the data tells the two apart
+
+
+def test_the_cold_start_slice_is_test_rows_with_an_unseen_user_or_item_and_reports_its_size(spec):
+    """test_cold: the rows whose user or item id is out of vocabulary; its AUC, rows and clicks are theirs."""
+    spec = dataclasses.replace(spec, user_field="user_id", item_field="item_id")
+    torch.manual_seed(0)
+    module = CTRModule(spec.to_dict(), TINY_DEEPFM)
+    data = [synthetic_batch(spec, size, seed) for seed, size in enumerate([40, 24])]
+    for batch in data:
+        batch[spec.user_field][::3] = 1  # OOV
+        batch[spec.item_field][1::5] = 1
+    (results,) = trainer().test(module, DataLoader(data, batch_size=None), verbose=False)
+
+    module.eval()
+    with torch.no_grad():
+        scores = torch.cat([module(batch) for batch in data]).numpy()
+    labels = torch.cat([batch["label"] for batch in data]).numpy()
+    cold = torch.cat([(b[spec.user_field] == 1) | (b[spec.item_field] == 1) for b in data]).numpy()
+    assert results["test_cold/rows"] == cold.sum() and results["test_cold/positives"] == labels[cold].sum()
+    assert results["test_cold/auc"] == pytest.approx(rank_auc(scores[cold], labels[cold]), abs=1e-6)
+    assert (results["test/rows"], results["test/positives"]) == (64, labels.sum())
 
 
 def test_non_finite_loss_stops_training_without_a_checkpoint(spec, tmp_path):
