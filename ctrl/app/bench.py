@@ -104,6 +104,11 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
     results = Path(out) / RESULTS_FILE
     if not report_only:
         plan = [(v, {}) for v in select(known, variants)]
+        own = {v.name for v in ablations if v.backbones}
+        for v, _ in plan:
+            if v.name in own and set(v.backbones) - set(backbones):
+                print(f"bench: {v.name} runs on its own backbones {', '.join(v.backbones)} (its `backbones` in the"
+                      " config; --backbones sets base's and ctrl's)")
         refuse_other_headline(plan, results, tune)
         if tune:
             plan = tuned(plan, tuning, backbones, seeds, list(args), data_dir, Path(config_dir), Path(out))

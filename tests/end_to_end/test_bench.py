@@ -279,6 +279,16 @@ def test_relaimpr_is_undefined_below_chance_and_the_auc_difference_is_reported_i
     assert ctrl.app.report.gain_text(0.78, 0.75) == "+12.00%"
 
 
+def test_an_ablation_on_backbones_of_its_own_says_so_when_backbones_names_others(bench_run, monkeypatch, tmp_path,
+                                                                                   capsys):
+    runs = []
+    monkeypatch.setattr(ctrl.app.bench, "run_once", lambda v, backbone, *a: runs.append((v.name, backbone)))
+    main(["bench", "--config", str(bench_run / "bench.yaml"), "--variants", "ctrl_lr", "--backbones", "[autoint]",
+          "--report", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png")])
+    assert "bench: ctrl_lr runs on its own backbones dcn" in capsys.readouterr().out
+    assert runs == [("ctrl_lr", "dcn")]
+
+
 def test_a_variant_that_changes_only_stage_2_reuses_the_stage_1_run(bench_run, monkeypatch):
     monkeypatch.setenv("CTRL_CACHE_DIR", str(bench_run / "cache"))
     fits = []
