@@ -33,17 +33,24 @@ CACHE_VERSION = 3
 Precision = Literal["auto", "fp32", "bf16"]
 
 
+BF16_CPU_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}  # a CPU flag that means native bf16 -> its name
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo); none where it cannot be read (not Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bfloat16 natively (CUDA with bf16; a CPU with AMX or AVX512-BF16)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux: be conservative, fp32 is never wrong
-            return False
-        return " amx_bf16" in flags or " avx512_bf16" in flags
-    return False
+    # elsewhere (or flags unknown) be conservative: fp32 is never wrong
+    return device.type == "cpu" and bool(cpu_flags() & BF16_CPU_FLAGS.keys())
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:

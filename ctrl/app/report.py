@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from tabular2text.atomic import atomic_path, atomic_write_text
+from towers.encoder import BF16_CPU_FLAGS, cpu_flags
 
 BASE, CTRL = "base", "ctrl"
 SLICES = {"test": "all test rows", "test_cold": "cold start (test rows whose user or item is unseen in train)"}
@@ -57,9 +58,8 @@ def cpu_model() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-    shown = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
-    shown = shown or (["AVX2"] if "avx2" in flags else [])
+    flags = cpu_flags()
+    shown = [label for flag, label in BF16_CPU_FLAGS.items() if flag in flags] or (["AVX2"] if "avx2" in flags else [])
     name = name or platform.processor() or platform.machine()
     return f"{name} with {', '.join(shown)}" if shown else name
 
