@@ -100,10 +100,11 @@ def test_fine_loss_by_hand_uses_each_side_as_query_in_its_direction():
     assert fine_loss(tab, text, TAU).item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_max_sim_gradient_matches_numerical():
+@pytest.mark.parametrize("key_subspaces", [2, 3])  # two: x1 + relu(x0 - x1); more: a max over them
+def test_max_sim_gradient_matches_numerical(key_subspaces):
     g = torch.Generator().manual_seed(2)
     a = torch.randn(4, 3, 5, dtype=torch.double, generator=g, requires_grad=True)
-    b = torch.randn(6, 2, 5, dtype=torch.double, generator=g, requires_grad=True)
+    b = torch.randn(6, key_subspaces, 5, dtype=torch.double, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(max_sim, (a, b))
 
 
