@@ -4,7 +4,9 @@ the checkpoint stamp and its checks, the finite-loss guard, the errors the `ctrl
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +29,13 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; continuing would only write a broken checkpoint."""
+
+
+def logged_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """What a stage sends its loggers (W&B's run config): every hyper-parameter but the feature spec, whose
+    vocabularies grow with the catalog (1.4 MB of each Amazon Beauty run's config, and wandb's size warnings on
+    the console). The checkpoint keeps the whole spec."""
+    return {k: v for k, v in hparams.items() if k != "feature_spec"}
 
 
 def require_finite(loss: torch.Tensor, epoch: int, step: int) -> torch.Tensor:

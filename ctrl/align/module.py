@@ -23,6 +23,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pytorch_lightning.utilities import AttributeDict
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -30,7 +31,13 @@ from ctrl.align.heads import AlignmentHeads
 from ctrl.align.losses import coarse_loss, cosine_sim, fine_loss, gather_rows, max_sim
 from tabular2text.schema import OOV, FeatureSpec
 from tabular2text.text_side import TextSide
-from towers.checkpoints import ConfigError, check_resumed_checkpoint, require_finite, stamp_checkpoint
+from towers.checkpoints import (
+    ConfigError,
+    check_resumed_checkpoint,
+    logged_hparams,
+    require_finite,
+    stamp_checkpoint,
+)
 from towers.collaborative import CollaborativeTower, backbone_config, make_tower
 from towers.encoder import FrozenEncoder, Precision
 from towers.language import (
@@ -145,6 +152,11 @@ class AlignmentModule(pl.LightningModule):
         self.heads = AlignmentHeads(self.tower.output_dim, text_dim, proj_dim, num_subspaces, subspace_dim)
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "coarse", "fine", "retrieval_top1")})
         self.encoder: FrozenEncoder | None = None  # a frozen tower, built in setup for the data module's cache
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        """What Lightning sends the loggers: the hyper-parameters but the feature spec (`logged_hparams`)."""
+        return AttributeDict(logged_hparams(super().hparams_initial))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         stamp_checkpoint(checkpoint, 1)

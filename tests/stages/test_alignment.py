@@ -101,6 +101,31 @@ def test_fast_dev_run_frozen_language_tower_logs_losses_and_retrieval(bert_dir, 
     assert isinstance(vectors, np.memmap) and vectors.shape == (16, 16) and index.shape == (16,)
 
 
+class HparamsRecorder(pl.loggers.Logger):
+    """A logger that keeps what Lightning sends as hyper-parameters (what W&B would put in the run's config)."""
+
+    name, version = "recorder", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hparams: dict = {}
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        self.hparams.update(params)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+
+def test_the_loggers_get_the_hyperparameters_but_the_feature_spec(bert_dir, tmp_path):
+    """The spec's vocabularies grow with the catalog (1.4 MB of each Amazon Beauty W&B run); the checkpoint keeps it."""
+    module, recorder = make_module(bert_dir, lr=3e-4), HparamsRecorder()
+    trainer(max_steps=1, limit_val_batches=1, logger=recorder).fit(module, datamodule=TextData(tmp_path / "cache"))
+    assert recorder.hparams["lr"] == 3e-4 and recorder.hparams["num_subspaces"] == 3
+    assert "feature_spec" not in recorder.hparams
+    assert module.hparams["feature_spec"] == ENTITY_SPEC.to_dict()
+
+
 def test_entity_text_pools_user_item_and_history_item_vectors(bert_dir, tmp_path):
     """text_granularity entity: one text per user profile and per item; a row's text vector is [user, item,
     mean of its history items' catalog vectors], checked by hand on a batch."""
