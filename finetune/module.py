@@ -275,8 +275,8 @@ class ExportBest(pl.Callback):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best and trainer.checkpoint_callback:  # nothing was chosen: the model may be untrained
             raise ConfigError("the fit chose no checkpoint (no validation epoch ended: e.g. --trainer.max_epochs 0,"
-                              " --trainer.limit_val_batches 0), so there is no trained model to export; fit at"
-                              " least one epoch with validation")
+                              " --trainer.limit_val_batches 0, --trainer.max_steps below one epoch), so there is no"
+                              " trained model to export; fit at least one epoch with validation")
         module = load_stage2(best) if best else pl_module
         self.export_dir = export_model(module.model, module.spec, module.hparams.backbone, out)
         log_export_artifact(trainer, self.export_dir)

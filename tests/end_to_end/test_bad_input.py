@@ -501,6 +501,20 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(name, smal
     assert all((p / "meta.json").is_file() for p in prepared) and (lightning or not prepared)
 
 
+def test_a_fit_that_ends_before_its_first_validation_says_why_nothing_is_exported(small_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """--trainer.max_steps below one epoch: stage 2 ends before any validation. Was Lightning's EarlyStopping error
+    about a missing val/auc, printed as an unexpected RuntimeError."""
+    shutil.copytree(small_run / "cache", tmp_path / "cache")
+    monkeypatch.setenv("CTRL_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*fit(small_run, "finetune", "--data.batch_size", "2", "--trainer.max_steps", "1"),
+              "--trainer.default_root_dir", str(tmp_path / "run")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and last.startswith("error: the fit chose no checkpoint")
+    assert "--trainer.max_steps below one epoch" in last and not (tmp_path / "run" / "export").exists()
+
+
 def test_help_lists_every_subcommand_and_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--help"])
