@@ -22,7 +22,7 @@ import hashlib
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -80,7 +80,8 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
             `ctrl run` reads them (`ctrl.app.pipeline.stage_configs`).
         args: overrides of both stages of every run, e.g. ["--trainer.logger", "false"].
         out: one folder per run (`out/VARIANT/BACKBONE/seedN`) and results.jsonl, one line per finished run.
-        backbones: backbones of base and ctrl.
+        backbones: backbones of base and ctrl; an ablation runs on those of its own (or of
+            `ablation_backbones`) that are in this list.
         seeds: seeds of base and ctrl (`--seed_everything` of both stages).
         ablations: further variants, run only when named in `variants`.
         ablation_backbones: backbones of an ablation that names none.
@@ -103,12 +104,12 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
                              v.backbones or list(ablation_backbones), v.seeds or list(ablation_seeds)))
     results = Path(out) / RESULTS_FILE
     if not report_only:
-        plan = [(v, {}) for v in select(known, variants)]
-        own = {v.name for v in ablations if v.backbones}
-        for v, _ in plan:
-            if v.name in own and set(v.backbones) - set(backbones):
-                print(f"bench: {v.name} runs on its own backbones {', '.join(v.backbones)} (its `backbones` in the"
-                      " config; --backbones sets base's and ctrl's)")
+        plan = []
+        for v in select(known, variants):
+            left_out = [b for b in v.backbones if b not in backbones]
+            if left_out:  # --backbones [dcn] means dcn alone, for an ablation that names more too
+                print(f"bench: {v.name} skips {', '.join(left_out)}: not in --backbones")
+            plan.append((replace(v, backbones=[b for b in v.backbones if b in backbones]), {}))
         refuse_other_headline(plan, results, tune)
         if tune:
             plan = tuned(plan, tuning, backbones, seeds, list(args), data_dir, Path(config_dir), Path(out))

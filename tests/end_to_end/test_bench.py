@@ -279,14 +279,20 @@ def test_relaimpr_is_undefined_below_chance_and_the_auc_difference_is_reported_i
     assert ctrl.app.report.gain_text(0.78, 0.75) == "+12.00%"
 
 
-def test_an_ablation_on_backbones_of_its_own_says_so_when_backbones_names_others(bench_run, monkeypatch, tmp_path,
-                                                                                   capsys):
+def test_backbones_limits_an_ablation_that_names_backbones_of_its_own(bench_run, monkeypatch, tmp_path, capsys):
+    """--backbones [autoint] means autoint alone: an ablation defined on [dcn, autoint] skips dcn, and says so (it
+    ran on both before, so two processes split by --backbones ran it twice)."""
     runs = []
     monkeypatch.setattr(ctrl.app.bench, "run_once", lambda v, backbone, *a: runs.append((v.name, backbone)))
-    main(["bench", "--config", str(bench_run / "bench.yaml"), "--variants", "ctrl_lr", "--backbones", "[autoint]",
+    bench_yaml = yaml.safe_load((bench_run / "bench.yaml").read_text())
+    for ablation in bench_yaml["ablations"]:
+        if ablation["name"] == "ctrl_lr":
+            ablation["backbones"] = ["dcn", "autoint"]
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench_yaml))
+    main(["bench", "--config", str(tmp_path / "bench.yaml"), "--variants", "ctrl_lr", "--backbones", "[autoint]",
           "--report", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png")])
-    assert "bench: ctrl_lr runs on its own backbones dcn" in capsys.readouterr().out
-    assert runs == [("ctrl_lr", "dcn")]
+    assert "bench: ctrl_lr skips dcn: not in --backbones" in capsys.readouterr().out
+    assert runs == [("ctrl_lr", "autoint")]
 
 
 def test_a_variant_that_changes_only_stage_2_reuses_the_stage_1_run(bench_run, monkeypatch):

@@ -269,7 +269,8 @@ def test_wandb_offline_run_holds_validation_auc(tmp_path, cache, monkeypatch):
     config.update({u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "run"
                    for u in r.run.config.update})
     assert config["lr"] == 0.001
-    assert "feature_spec" not in config and best["hyper_parameters"]["feature_spec"]["fields"]  # the checkpoint keeps it
+    # the feature spec's vocabularies stay out of the run's config; the checkpoint keeps them
+    assert "feature_spec" not in config and best["hyper_parameters"]["feature_spec"]["fields"]
     full = config["config"]  # the whole resolved CLI config, as `--print_config` shows it
     assert full["model"]["init_args"]["backbone"]["class_path"] == "towers.DCN"
     assert full["trainer"]["max_epochs"] == 1 and full["data"]["batch_size"] == 2048
