@@ -121,6 +121,11 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
     if not records:
         print(f"bench: no finished runs in {results}, no report written")
         return
+    missing = [arm for arm in (BASE, CTRL) if all(r["variant"] != arm for r in records)]
+    if missing and not report_only:  # e.g. an ablation into a new --out: not the report of base vs ctrl
+        print(f"bench: {results} holds no {' and no '.join(missing)} runs, so {report} is left as it is; write a"
+              f" report of these runs with --report_only true --out {out} --report PATH --plot PATH")
+        return
     order = [*backbones, *sorted({r["backbone"] for r in records} - set(backbones))]
     write_report(records, order, Path(report), Path(plot), [Path(p) for p in include], results,
                  [Path(p) for p in preface])

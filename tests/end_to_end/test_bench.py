@@ -295,6 +295,26 @@ def test_backbones_limits_an_ablation_that_names_backbones_of_its_own(bench_run,
     assert runs == [("ctrl_lr", "autoint")]
 
 
+def test_a_store_without_base_and_ctrl_runs_leaves_the_configured_report_alone(bench_run, monkeypatch, tmp_path,
+                                                                               capsys):
+    """An ablation trained into a new --out wrote the data set's committed report from its own runs alone."""
+    monkeypatch.setattr(ctrl.app.bench, "run_once", lambda *a: None)
+    out = tmp_path / "ablation"
+    out.mkdir()
+    ctrl_runs = [json.loads(line) for line in (bench_run / "out" / "results.jsonl").read_text().splitlines()
+                 if json.loads(line)["variant"] == "ctrl"]
+    (out / "results.jsonl").write_text("".join(json.dumps({**r, "variant": "ctrl_lr"}) + "\n" for r in ctrl_runs))
+    report = tmp_path / "R.md"
+    report.write_text("the committed report")
+    args = ["bench", "--config", str(bench_run / "bench.yaml"), "--variants", "ctrl_lr", "--out", str(out),
+            "--report", str(report), "--plot", str(tmp_path / "p.png")]
+    main(args)
+    assert "holds no base and no ctrl runs" in capsys.readouterr().out
+    assert report.read_text() == "the committed report" and not (tmp_path / "p.png").exists()
+    main([*args, "--report_only", "true"])  # asked for by name, it is written
+    assert "ctrl_lr" in report.read_text()
+
+
 def test_a_variant_that_changes_only_stage_2_reuses_the_stage_1_run(bench_run, monkeypatch):
     monkeypatch.setenv("CTRL_CACHE_DIR", str(bench_run / "cache"))
     fits = []
