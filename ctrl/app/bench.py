@@ -82,7 +82,8 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
         out: one folder per run (`out/VARIANT/BACKBONE/seedN`) and results.jsonl, one line per finished run.
         backbones: backbones of base and ctrl; an ablation runs on those of its own (or of
             `ablation_backbones`) that are in this list.
-        seeds: seeds of base and ctrl (`--seed_everything` of both stages).
+        seeds: seeds of base and ctrl (`--seed_everything` of both stages); an ablation runs on those of its own
+            (or of `ablation_seeds`) that are in this list.
         ablations: further variants, run only when named in `variants`.
         ablation_backbones: backbones of an ablation that names none.
         ablation_seeds: seeds of an ablation that names none.
@@ -106,10 +107,13 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
     if not report_only:
         plan = []
         for v in select(known, variants):
-            left_out = [b for b in v.backbones if b not in backbones]
-            if left_out:  # --backbones [dcn] means dcn alone, for an ablation that names more too
-                print(f"bench: {v.name} skips {', '.join(left_out)}: not in --backbones")
-            plan.append((replace(v, backbones=[b for b in v.backbones if b in backbones]), {}))
+            # --backbones [dcn] means dcn alone, for an ablation that names more too; the same for --seeds
+            for option, own, allowed in (("backbones", v.backbones, backbones), ("seeds", v.seeds, seeds)):
+                left_out = [str(x) for x in own if x not in allowed]
+                if left_out:
+                    print(f"bench: {v.name} skips {option} {', '.join(left_out)}: not in --{option}")
+            plan.append((replace(v, backbones=[b for b in v.backbones if b in backbones],
+                                 seeds=[x for x in v.seeds if x in seeds]), {}))
         refuse_other_headline(plan, results, tune)
         if tune:
             plan = tuned(plan, tuning, backbones, seeds, list(args), data_dir, Path(config_dir), Path(out))

@@ -279,9 +279,9 @@ def test_relaimpr_is_undefined_below_chance_and_the_auc_difference_is_reported_i
     assert ctrl.app.report.gain_text(0.78, 0.75) == "+12.00%"
 
 
-def test_backbones_limits_an_ablation_that_names_backbones_of_its_own(bench_run, monkeypatch, tmp_path, capsys):
+def test_backbones_and_seeds_limit_an_ablation_that_names_its_own(bench_run, monkeypatch, tmp_path, capsys):
     """--backbones [autoint] means autoint alone: an ablation defined on [dcn, autoint] skips dcn, and says so (it
-    ran on both before, so two processes split by --backbones ran it twice)."""
+    ran on both before, so two processes split by --backbones ran it twice). --seeds likewise."""
     runs = []
     monkeypatch.setattr(ctrl.app.bench, "run_once", lambda v, backbone, *a: runs.append((v.name, backbone)))
     bench_yaml = yaml.safe_load((bench_run / "bench.yaml").read_text())
@@ -291,8 +291,12 @@ def test_backbones_limits_an_ablation_that_names_backbones_of_its_own(bench_run,
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench_yaml))
     main(["bench", "--config", str(tmp_path / "bench.yaml"), "--variants", "ctrl_lr", "--backbones", "[autoint]",
           "--report", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png")])
-    assert "bench: ctrl_lr skips dcn: not in --backbones" in capsys.readouterr().out
+    assert "bench: ctrl_lr skips backbones dcn: not in --backbones" in capsys.readouterr().out
     assert runs == [("ctrl_lr", "autoint")]
+    runs.clear()  # and --seeds limits its seeds: ctrl_lr names seed 0
+    main(["bench", "--config", str(tmp_path / "bench.yaml"), "--variants", "ctrl_lr", "--seeds", "[1]",
+          "--report", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png")])
+    assert "bench: ctrl_lr skips seeds 0: not in --seeds" in capsys.readouterr().out and runs == []
 
 
 def test_a_store_without_base_and_ctrl_runs_leaves_the_configured_report_alone(bench_run, monkeypatch, tmp_path,
