@@ -1,5 +1,6 @@
 """Checks shared by both training stages (ctrl.align and finetune), below both of them and Lightning-free:
-the checkpoint stamp and its checks, the finite-loss guard, the errors the `ctrl` command prints as one line."""
+the checkpoint stamp and its checks, the finite-loss guard, the errors the `ctrl` command prints as one line, and
+which hyper-parameters a stage hands its loggers."""
 
 from __future__ import annotations
 
