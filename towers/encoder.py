@@ -36,13 +36,19 @@ Precision = Literal["auto", "fp32", "bf16"]
 BF16_CPU_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}  # a CPU flag that means native bf16 -> its name
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo); none where it cannot be read (not Linux)."""
+def cpuinfo(field: str) -> str | None:
+    """A field of the first CPU in /proc/cpuinfo, e.g. "model name" or "flags"; None where it cannot be read
+    (not Linux)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), None)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags; none where they cannot be read."""
+    return set((cpuinfo("flags") or "").split())
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -195,8 +195,8 @@ def run(*, backbone: str = "dcn", config_dir: str = "configs/ml100k", baseline: 
     shown = "undefined (the test rows hold one class)" if math.isnan(exported["auc"]) else f"{exported['auc']:.4f}"
     print(f"test AUC {shown}  logloss {exported['logloss']:.4f}  (exported model, "
           f"{len(test_rows)} raw test rows)")
-    shown = (f"{k} {v:,.0f}" if k.endswith(("/rows", "/positives")) else f"{k} {v:.4f}" for k, v in metrics.items())
-    print(f"trainer test: {', '.join(shown)}")
+    readings = (f"{k} {v:,.0f}" if k.endswith(("/rows", "/positives")) else f"{k} {v:.4f}" for k, v in metrics.items())
+    print(f"trainer test: {', '.join(readings)}")
     print("\nwall time per phase:")
     for name, seconds in phases.items():
         print(f"  {name:<32} {seconds:8.1f} s")

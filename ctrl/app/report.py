@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from tabular2text.atomic import atomic_path, atomic_write_text
-from towers.encoder import BF16_CPU_FLAGS, cpu_flags
+from towers.encoder import BF16_CPU_FLAGS, cpu_flags, cpuinfo
 
 BASE, CTRL = "base", "ctrl"
 SLICES = {"test": "all test rows", "test_cold": "cold start (test rows whose user or item is unseen in train)"}
@@ -55,12 +55,9 @@ def command_line() -> str:
 def cpu_model() -> str:
     """The CPU's model name and the instructions that decide our speed on it (bf16 in AMX or AVX512, else AVX2),
     from /proc/cpuinfo where there is one: "Intel(R) Xeon(R) Processor with AMX, AVX512-BF16"."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
     flags = cpu_flags()
     shown = [label for flag, label in BF16_CPU_FLAGS.items() if flag in flags] or (["AVX2"] if "avx2" in flags else [])
-    name = name or platform.processor() or platform.machine()
+    name = cpuinfo("model name") or platform.processor() or platform.machine()
     return f"{name} with {', '.join(shown)}" if shown else name
 
 
