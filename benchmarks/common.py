@@ -24,6 +24,8 @@ STUDIES = {
              "inference cost of CTRL's export, the plain backbones and a frozen-MiniLM scorer -> cost/cost_ml100k.md"),
     "encode_speed": ("benchmarks.encode_speed.encode_speed", "main",
                      "language-tower encoding speed per CPU candidate (printed; encode_speed/encode_speed.md)"),
+    "padding": ("benchmarks.encode_speed.padding", "main",
+                "the encoder's batch padding on the default stage 1's entity sentences (printed; encode_speed.md)"),
     "peer_fuxictr": ("benchmarks.peer_fuxictr.fuxictr_ml100k", "main",
                      "FuxiCTR's DCN and DeepFM beside ours on our split -> peer_fuxictr/fuxictr_ml100k.md"),
     "recipe_sweep": ("benchmarks.stage1_design.recipe_sweep_ml100k", "main",

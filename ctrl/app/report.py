@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from tabular2text.atomic import atomic_path, atomic_write_text
-from towers.encoder import BF16_CPU_FLAGS, cpu_flags, cpuinfo
+from towers.encoder import BF16_CPU_FLAGS, cpu_flags, cpuinfo, onednn_cap
 
 BASE, CTRL = "base", "ctrl"
 SLICES = {"test": "all test rows", "test_cold": "cold start (test rows whose user or item is unseen in train)"}
@@ -58,7 +58,8 @@ def cpu_model() -> str:
     flags = cpu_flags()
     shown = [label for flag, label in BF16_CPU_FLAGS.items() if flag in flags] or (["AVX2"] if "avx2" in flags else [])
     name = cpuinfo("model name") or platform.processor() or platform.machine()
-    return f"{name} with {', '.join(shown)}" if shown else name
+    cap = f" (oneDNN capped at {onednn_cap()})" if onednn_cap() else ""
+    return (f"{name} with {', '.join(shown)}" if shown else name) + cap
 
 
 def machine() -> str:

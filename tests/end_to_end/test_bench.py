@@ -330,3 +330,16 @@ def test_a_variant_that_changes_only_stage_2_reuses_the_stage_1_run(bench_run, m
     assert fits == [] and reused["stage1_reused"] and reused["stage1_dir"] == original["stage1_dir"]
     assert reused["metrics"]["align/val/loss"] == original["metrics"]["align/val/loss"]
     assert reused["metrics"]["val/auc"] != original["metrics"]["val/auc"]  # stage 2 did change
+
+
+def test_the_machine_line_names_the_bf16_instructions_and_a_capped_onednn(monkeypatch):
+    monkeypatch.setattr(ctrl.app.report, "cpuinfo", lambda field: "Some Xeon")
+    monkeypatch.setattr(ctrl.app.report, "cpu_flags", lambda: {"avx2", "avx512_bf16", "amx_bf16"})
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "all")
+    assert ctrl.app.report.cpu_model() == "Some Xeon with AMX, AVX512-BF16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")  # how a CPU without AMX is measured on one with it
+    assert ctrl.app.report.cpu_model() == "Some Xeon with AMX, AVX512-BF16 (oneDNN capped at AVX512_CORE_BF16)"
+    monkeypatch.setattr(ctrl.app.report, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert ctrl.app.report.cpu_model() == "Some Xeon with AVX2"

@@ -194,15 +194,38 @@ def test_an_encoding_pass_warns_once_with_the_count_of_cut_texts(bert_dir, recwa
     assert not recwarn
 
 
-def test_bf16_weights_stay_close_to_fp32_and_auto_follows_the_device(bert_dir):
+def test_bf16_weights_stay_close_to_fp32_and_auto_follows_the_device(bert_dir, monkeypatch):
     texts = [USER, "this is a user, age is doctor.", ITEM]
     fp32 = encoder(bert_dir).encode(texts)
     bf16 = encoder(bert_dir, precision="bf16")
     assert next(bf16.tower.parameters()).dtype == torch.bfloat16 and bf16.precision == "bf16"
     assert torch.nn.functional.cosine_similarity(bf16.encode(texts), fp32).min() > 0.99
     assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # how an AVX2-only CPU is measured on this one
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(ValueError, match="auto, fp32 or bf16"):
         resolve_precision("int4", torch.device("cpu"))
+
+
+def test_batches_are_padded_to_16_tokens_only_where_bf16_runs_on_amx_tiles_or_a_gpu(bert_dir, monkeypatch):
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(cap, raising=False)
+    monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
+    assert encoder(bert_dir, precision="bf16").pad_multiple == 16
+    assert encoder(bert_dir, precision="fp32").pad_multiple == 1  # fp32 does not run on AMX
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # AMX there, but oneDNN may not use it
+    assert encoder(bert_dir, precision="bf16").pad_multiple == 1
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_amx")
+    assert encoder(bert_dir, precision="bf16").pad_multiple == 16
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx512_bf16"})
+    assert encoder(bert_dir, precision="bf16").pad_multiple == 1
+    assert encoder(bert_dir, precision="bf16", pad_multiple=8).pad_multiple == 8
+    assert encoder_module.default_pad_multiple(torch.device("cuda"), "bf16") == 16
+    assert encoder_module.default_pad_multiple(torch.device("cuda"), "fp32") == 16
 
 
 def test_encoder_is_fingerprinted_once_in_fp32_and_refuses_a_trainable_tower(bert_dir, monkeypatch):
