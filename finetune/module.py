@@ -20,7 +20,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat
-from pytorch_lightning.utilities import AttributeDict
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAUROC
@@ -32,9 +31,9 @@ from tabular2text.schema import OOV, FeatureSpec
 from towers.checkpoints import (
     CheckpointError,
     ConfigError,
+    SpecLeftOutOfLoggers,
     check_resumed_checkpoint,
     checkpoint_stage,
-    logged_hparams,
     read_checkpoint,
     require_finite,
     spec_mismatch,
@@ -84,7 +83,7 @@ class DefinedAUROC(BinaryAUROC):
         return super().compute()
 
 
-class CTRModule(pl.LightningModule):
+class CTRModule(SpecLeftOutOfLoggers, pl.LightningModule):
     """Tower + fresh linear head trained with binary cross-entropy and Adam.
 
     Logs `train/loss` and, per evaluation slice (val, test, test_cold), the epoch-level `{slice}/auc` and
@@ -137,11 +136,6 @@ class CTRModule(pl.LightningModule):
             load_aligned_tower(self.hparams.init_from, self.model.tower, self.spec, self.hparams.init_keep)
             if self.hparams.proximal:
                 self.anchor = {name: p.detach().clone() for name, p in self.aligned_parameters()}
-
-    @property
-    def hparams_initial(self) -> AttributeDict:
-        """What Lightning sends the loggers: the hyper-parameters but the feature spec (`logged_hparams`)."""
-        return AttributeDict(logged_hparams(super().hparams_initial))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         stamp_checkpoint(checkpoint, 2)

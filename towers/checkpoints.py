@@ -5,9 +5,7 @@ which hyper-parameters a stage hands its loggers."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,11 +30,15 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; continuing would only write a broken checkpoint."""
 
 
-def logged_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """What a stage sends its loggers (W&B's run config): every hyper-parameter but the feature spec, whose
-    vocabularies grow with the catalog (1.4 MB of each Amazon Beauty run's config, and wandb's size warnings on
-    the console). The checkpoint keeps the whole spec."""
-    return {k: v for k, v in hparams.items() if k != "feature_spec"}
+class SpecLeftOutOfLoggers:
+    """Mixed in before `pl.LightningModule` by both stages: what Lightning sends the loggers (W&B's run config) is
+    every hyper-parameter but the feature spec, whose vocabularies grow with the catalog (1.4 MB of each Amazon
+    Beauty run's config, and wandb's size warnings on the console). The checkpoint keeps the whole spec."""
+
+    @property
+    def hparams_initial(self):
+        initial = super().hparams_initial  # Lightning's AttributeDict
+        return type(initial)({k: v for k, v in initial.items() if k != "feature_spec"})
 
 
 def require_finite(loss: torch.Tensor, epoch: int, step: int) -> torch.Tensor:

@@ -23,7 +23,6 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
-from pytorch_lightning.utilities import AttributeDict
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -33,8 +32,8 @@ from tabular2text.schema import OOV, FeatureSpec
 from tabular2text.text_side import TextSide
 from towers.checkpoints import (
     ConfigError,
+    SpecLeftOutOfLoggers,
     check_resumed_checkpoint,
-    logged_hparams,
     require_finite,
     stamp_checkpoint,
 )
@@ -54,7 +53,7 @@ Batch = dict[str, Tensor]
 WARMUP_START_LR = 1e-5  # the paper warms the learning rate up from here
 
 
-class AlignmentModule(pl.LightningModule):
+class AlignmentModule(SpecLeftOutOfLoggers, pl.LightningModule):
     """Collaborative tower + language tower + `AlignmentHeads` (a linear projection of each side into a shared
     space and M linear sub-space maps of it), trained with coarse_weight * coarse + fine_weight * fine.
 
@@ -152,11 +151,6 @@ class AlignmentModule(pl.LightningModule):
         self.heads = AlignmentHeads(self.tower.output_dim, text_dim, proj_dim, num_subspaces, subspace_dim)
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "coarse", "fine", "retrieval_top1")})
         self.encoder: FrozenEncoder | None = None  # a frozen tower, built in setup for the data module's cache
-
-    @property
-    def hparams_initial(self) -> AttributeDict:
-        """What Lightning sends the loggers: the hyper-parameters but the feature spec (`logged_hparams`)."""
-        return AttributeDict(logged_hparams(super().hparams_initial))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         stamp_checkpoint(checkpoint, 1)

@@ -58,8 +58,8 @@ def cpu_model() -> str:
     flags = cpu_flags()
     shown = [label for flag, label in BF16_CPU_FLAGS.items() if flag in flags] or (["AVX2"] if "avx2" in flags else [])
     name = cpuinfo("model name") or platform.processor() or platform.machine()
-    cap = f" (oneDNN capped at {onednn_cap()})" if onednn_cap() else ""
-    return (f"{name} with {', '.join(shown)}" if shown else name) + cap
+    cap = onednn_cap()
+    return (f"{name} with {', '.join(shown)}" if shown else name) + (f" (oneDNN capped at {cap})" if cap else "")
 
 
 def machine() -> str:
