@@ -185,12 +185,12 @@ class CTRDataModule(pl.LightningDataModule):
 
     def _row_vectors(self, encoder: TextEncoder) -> FrozenText:
         """Row text: one vector per row, of its (user sentence, item sentence) pair."""
-        table, index = self._cached(encoder, self._before_test("user_text"), self._before_test("item_text"))
+        table, index = self._cached(encoder, self.before_test("user_text"), self.before_test("item_text"))
         return FrozenText({split: [(table, index[rows])] for split, rows in self._split_rows().items()})
 
     def _row_states(self, encoder: TextEncoder) -> TokenStates:
         """Row text through the frozen lower blocks: each row's hidden states and its number of tokens."""
-        users, items = self._before_test("user_text"), self._before_test("item_text")
+        users, items = self.before_test("user_text"), self.before_test("item_text")
         table, index = self._cached(encoder, users, items)
         lengths = encoder.token_lengths(users, items)
         return TokenStates({split: (table, index[rows], lengths[rows]) for split, rows in self._split_rows().items()},
@@ -201,7 +201,7 @@ class CTRDataModule(pl.LightningDataModule):
         once per entity; per row [user vector, item vector, mean of its history items' vectors]."""
         spec = self.feature_spec
         ids, catalog = self.item_catalog()
-        users, items = self._before_test("user_profile_text"), self._before_test("item_text")
+        users, items = self.before_test("user_profile_text"), self.before_test("item_text")
         # One cache entry for all of them: the catalog and the rows' items are mostly the same sentences, and
         # each distinct sentence is encoded once.
         table, index = self._cached(encoder, [*catalog, *users, *items])
@@ -220,12 +220,12 @@ class CTRDataModule(pl.LightningDataModule):
             encoder, first, second, rank=rank, world_size=world_size,
             barrier=trainer.strategy.barrier if trainer else lambda: None)
 
-    def _before_test(self, column: str) -> list[str]:
+    def before_test(self, column: str) -> list[str]:
         """A text column of all rows before test, in time order: one cache entry for them in every val_fold."""
         return [text for split in self.text_splits for text in self.frame(split)[column].tolist()]
 
     def _split_rows(self) -> dict[str, slice]:
-        """Each split's rows within the rows before test (`_before_test`)."""
+        """Each split's rows within the rows before test (`before_test`)."""
         sizes = [len(self.frame(split)) for split in self.text_splits]
         starts = np.cumsum([0, *sizes]).tolist()
         return {split: slice(start, start + size)

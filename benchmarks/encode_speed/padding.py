@@ -29,11 +29,9 @@ CPU_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")  # oneDNN's cap is
 
 
 def entity_sentences(data_dir: str) -> list[str]:
-    """The distinct sentences the default stage 1 encodes (`CTRDataModule._entity_vectors`)."""
+    """The distinct sentences the default stage 1 encodes, in its order (`CTRDataModule._entity_vectors`)."""
     data = CTRDataModule(data_dir)
-    texts = data.item_catalog()[1]
-    for split in data.text_splits:
-        texts += data.profile_texts(split) + data.frame(split)["item_text"].tolist()
+    texts = [*data.item_catalog()[1], *data.before_test("user_profile_text"), *data.before_test("item_text")]
     return list(dict.fromkeys(texts))
 
 
