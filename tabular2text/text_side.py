@@ -54,9 +54,12 @@ class TextSide:
         """
         if granularity not in ("row", "entity"):
             raise ValueError(f"unknown text granularity {granularity!r}; use row or entity")
-        if cache_lower_layers and (trainable_layers in (0, "all") or granularity != "row"):
-            raise ValueError("cache_lower_layers caches the states below the trainable top blocks of row text:"
-                             f" it needs trainable_layers >= 1 (not {trainable_layers!r}) and text_granularity row")
+        if cache_lower_layers and granularity != "row":
+            raise ValueError("cache_lower_layers caches hidden states of each row's text: it needs text_granularity"
+                             " row")
+        if cache_lower_layers and trainable_layers in (0, "all"):
+            raise ValueError("cache_lower_layers caches the frozen blocks below the trainable top ones: it needs"
+                             f" trainable_layers of 1 or more, not all (got {trainable_layers!r})")
         if granularity == "row":
             if cache_lower_layers:
                 return cls("states")

@@ -21,6 +21,7 @@ from jsonargparse.typing import PositiveInt, restricted_number_type
 from torch import nn
 
 from tabular2text.schema import FeatureSpec
+from towers.checkpoints import ConfigError
 from towers.embedding import FieldEmbedding
 from towers.interactions import (
     BilinearInteraction,
@@ -352,7 +353,7 @@ class DIN(CollaborativeTower):
             f.name: (slot[f.name], slot[f.shares_embedding]) for f in spec.fields if f.shares_embedding
         }
         if not self.slots:
-            raise ValueError("DIN needs a sequence field with shares_embedding (its target item field)")
+            raise ConfigError("DIN needs a sequence field with shares_embedding (its target item field)")
         self.attention = nn.ModuleDict({
             name: TargetAttention(embed_dim, attention_dims) for name in self.slots
         })

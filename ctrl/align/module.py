@@ -128,11 +128,14 @@ class AlignmentModule(SpecLeftOutOfLoggers, pl.LightningModule):
         self.hparams.backbone = backbone_config(backbone)  # what rebuilds the tower (load_from_checkpoint, export)
         spec = FeatureSpec.from_dict(feature_spec)
         self.tower = make_tower(backbone, spec)
-        self.text_side = TextSide.from_settings(spec, text_granularity, trainable_layers, cache_lower_layers)
+        try:
+            self.text_side = TextSide.from_settings(spec, text_granularity, trainable_layers, cache_lower_layers)
+        except ValueError as e:  # a combination of settings: the user's to change, not a bug
+            raise ConfigError(f"--model.init_args: {e}") from None
         unknown = [f for f in masked_fields if f not in spec.names or spec[f].kind == "numeric"]
         if unknown:
-            raise ValueError(f"masked_fields {unknown} are not categorical or sequence fields of the data; known:"
-                             f" {', '.join(f.name for f in spec.fields if f.kind != 'numeric')}")
+            raise ConfigError(f"--model.init_args.masked_fields {unknown} are not categorical or sequence fields of"
+                              f" the data; known: {', '.join(f.name for f in spec.fields if f.kind != 'numeric')}")
         # Checked before any tower loads: only the tokenizer's special tokens decide what is too short.
         minimum = min_max_length(model_tokenizer(language_model))
         if max_length < minimum:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
+from towers.checkpoints import ConfigError
+
 
 class ValidateEvery(pl.Callback):
     """Validates every `steps` training steps, counted over the whole run, or at each epoch's end when an
@@ -15,7 +17,7 @@ class ValidateEvery(pl.Callback):
 
     def __init__(self, steps: int = 25) -> None:
         if steps < 1:
-            raise ValueError(f"ValidateEvery: steps must be at least 1, got {steps}")
+            raise ConfigError(f"ValidateEvery: steps must be at least 1, got {steps}")
         self.steps = steps
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:

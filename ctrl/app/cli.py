@@ -1,7 +1,7 @@
 """The `ctrl` command.
 
     ctrl prepare --data_dir DIR          prepare a data set; print split sizes, positive rates and texts
-    ctrl run --align A.yaml --finetune F.yaml   the main job: stage 1 -> stage 2 -> test -> export
+    ctrl run --backbone NAME --data_dir DIR   the main job: stage 1 -> stage 2 -> test -> export
     ctrl bench --config configs/bench/ml100k.yaml   base vs CTRL over backbones and seeds -> RESULTS.md
     ctrl export --ckpt_path P --out DIR  export a stage-2 checkpoint for serving (weights, spec, .pt2, .onnx)
     ctrl score --model M --rows R --out O   click probabilities of new raw rows (CSV or parquet) -> parquet

@@ -738,6 +738,28 @@ def test_impossible_settings_are_refused_before_any_work(capsys, config, option,
     assert exit_info.value.code == 2 and option.rsplit(".", 1)[1] in err and "does not conform to restriction" in err
 
 
+COMBINATIONS = [
+    (["--model.init_args.trainable_layers", "1"],
+     "--model.init_args: text_granularity entity encodes each entity once and needs a frozen language tower"),
+    (["--model.init_args.text_granularity", "row", "--model.init_args.cache_lower_layers", "true"],
+     "cache_lower_layers caches the frozen blocks below the trainable top ones: it needs trainable_layers of 1 or"
+     " more, not all (got 0)"),
+    (["--model.init_args.masked_fields", "[title, rating]"],
+     "--model.init_args.masked_fields ['rating'] are not categorical or sequence fields of the data")]
+
+
+@pytest.mark.parametrize(("options", "message"), COMBINATIONS)
+def test_settings_refused_by_the_model_get_one_short_line(capsys, tmp_path, options, message):
+    """Refused when the model is built, inside jsonargparse's instantiation: one line naming the setting, not an
+    'unexpected' error quoting the whole namespace (59 KB of feature spec)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *ml100k_configs("align"), "--data.data_dir", str(ML100K), "--trainer.logger", "false",
+              "--trainer.default_root_dir", str(tmp_path / "run"), *options])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err[:300]
+    assert message in err and len(err) < 400, err[:300]
+
+
 def test_run_refuses_zero_epochs(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--baseline", "true", "--max_epochs_finetune", "0"])

@@ -34,9 +34,10 @@ def test_entity_text_without_a_behavior_sequence_is_user_and_item():
 @pytest.mark.parametrize(("spec", "settings", "message"), [
     (SPEC, {"granularity": "user"}, "unknown text granularity 'user'"),
     (SPEC, {"granularity": "entity", "trainable_layers": 1}, "needs a frozen language tower"),
-    (SPEC, {"granularity": "entity", "trainable_layers": 1, "cache_lower_layers": True}, "cache_lower_layers"),
-    (SPEC, {"cache_lower_layers": True}, "cache_lower_layers .* trainable_layers >= 1 \\(not 0\\)"),
-    (SPEC, {"trainable_layers": "all", "cache_lower_layers": True}, "cache_lower_layers"),
+    (SPEC, {"granularity": "entity", "trainable_layers": 1, "cache_lower_layers": True},
+     "cache_lower_layers .* needs text_granularity row$"),
+    (SPEC, {"cache_lower_layers": True}, "cache_lower_layers .* trainable_layers of 1 or more, not all \\(got 0\\)$"),
+    (SPEC, {"trainable_layers": "all", "cache_lower_layers": True}, "not all \\(got 'all'\\)$"),
     (synthetic_spec(), {"granularity": "entity"}, "needs an item id field"),
 ])
 def test_settings_that_cannot_work_are_refused_once_here(spec, settings, message):
