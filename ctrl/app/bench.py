@@ -68,9 +68,7 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
           seeds: tuple[int, ...] = (0, 1, 2, 3, 4), ablations: tuple[Variant, ...] = (),
           ablation_backbones: tuple[str, ...] = ("dcn",), ablation_seeds: tuple[int, ...] = (0, 1, 2),
           variants: str = "base,ctrl", tune: bool = False, tuning: Tuning = TUNING, report_only: bool = False,
-          report: str = "benchmarks/RESULTS.md",
-          plot: str = "benchmarks/results_auc.png",
-          include: tuple[str, ...] = ("benchmarks/cost/cost_ml100k.md", "benchmarks/peer_fuxictr/fuxictr_ml100k.md"),
+          report: str | None = None, plot: str | None = None, include: tuple[str, ...] = (),
           preface: tuple[str, ...] = ()) -> None:
     """Train base vs CTRL (and selected ablations) per backbone and seed, then write the report.
 
@@ -93,8 +91,11 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
         tuning: the search of `tune`: grid (dropout, lr, weight_decay), trials, the seed drawing them and the
             seeds each trial trains with.
         report_only: write the report from results.jsonl without training.
-        report: the markdown report to write.
-        plot: the PNG to write: test AUC, mean and std over seeds, base vs CTRL per backbone.
+        report: the markdown report to write; unset, OUT/RESULTS.md, beside the store it reports. A committed
+            report is rewritten from its store by its own overlay, e.g. `--config
+            benchmarks/headline_ml100k/report.yaml --report_only true` (report, plot, preface and include).
+        plot: the PNG to write: test AUC, mean and std over seeds, base vs CTRL per backbone; unset,
+            OUT/results_auc.png.
         include: markdown files appended to the report verbatim when they exist (cost, peer comparisons, notes).
         preface: markdown files put verbatim before the tables when they exist (the verdict per data set).
     """
@@ -104,6 +105,8 @@ def bench(*, data_dir: str = "data/ml-100k", config_dir: str = "configs/ml100k",
         known.append(Variant(v.name, v.align, v.args, v.align_args, v.finetune_args,
                              v.backbones or list(ablation_backbones), v.seeds or list(ablation_seeds)))
     results = Path(out) / RESULTS_FILE
+    report = report or str(Path(out) / "RESULTS.md")
+    plot = plot or str(Path(out) / "results_auc.png")
     if not report_only:
         plan = []
         for v in select(known, variants):

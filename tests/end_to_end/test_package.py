@@ -112,7 +112,9 @@ def test_the_wheel_runs_the_main_job_outside_the_repository(tmp_path):
     assert not (elsewhere / "configs").exists()
 
 
-def test_bench_report_outside_the_repository_is_written_under_the_current_folder(tmp_path, monkeypatch):
+def test_bench_report_goes_beside_its_store_and_a_committed_one_only_by_its_overlay(tmp_path, monkeypatch):
+    """A bench with a shipped config once wrote the repository's committed report (benchmarks/RESULTS.md, prefaced
+    with ML-100K's verdict) from whatever runs its --out held, a user's own data included."""
     from ctrl.app.report import append_record
 
     monkeypatch.chdir(tmp_path)
@@ -122,8 +124,15 @@ def test_bench_report_outside_the_repository_is_written_under_the_current_folder
                 "variant": variant, "backbone": "dcn", "seed": seed, "phases": {"stage 2": 1.0},
                 "metrics": {"val/auc": auc, "test/auc": auc, "test/logloss": 0.5}, "command": "ctrl bench",
                 "overrides": {"both": [], "align": [], "finetune": []}})
-    # the shipped benchmark config, whose report is benchmarks/RESULTS.md (its plot under benchmarks/headline_ml100k/)
-    # and whose notes (benchmarks/*.md) are absent
-    main(["bench", "--config", "configs/bench/ml100k.yaml", "--report_only", "true", "--out", "out"])
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "RESULTS.md").write_text("the committed report")
+    main(["bench", "--config", "configs/bench/ml100k.yaml", "--report_only", "true", "--out", "out"])  # shipped config
+    report = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert "| dcn |" in report and "MovieLens-100K" not in report  # no other data set's verdict before the tables
+    assert (tmp_path / "out" / "results_auc.png").is_file()
+    assert (tmp_path / "benchmarks" / "RESULTS.md").read_text() == "the committed report"
+    # the headline's overlay names the committed report, its plot and preface (absent here: left out)
+    main(["bench", "--config", "configs/bench/ml100k.yaml", "--config", str(ROOT / "benchmarks" / "headline_ml100k"
+          / "report.yaml"), "--report_only", "true", "--out", "out"])
     assert "| dcn |" in (tmp_path / "benchmarks" / "RESULTS.md").read_text()
     assert (tmp_path / "benchmarks" / "headline_ml100k" / "results_auc.png").is_file()

@@ -18,3 +18,16 @@ def test_every_file_in_benchmarks_has_a_row_in_its_readme():
                 row.strip().startswith(f"`{folder}/") and f"`{name}`" in row for row in rows if folder):
             missing.append(path)
     assert not missing, f"not in benchmarks/README.md: {missing}"
+
+
+def test_each_report_overlay_names_files_of_the_repository():
+    """A committed report is rewritten by its overlay (`--config benchmarks/.../report.yaml`): what it writes and
+    puts around the tables are files here, so a moved file cannot silently drop from the report."""
+    import yaml
+
+    overlays = sorted((ROOT / "benchmarks").glob("*/report.yaml"))
+    assert len(overlays) == 2
+    for overlay in overlays:
+        paths = yaml.safe_load(overlay.read_text())
+        named = [paths["report"], paths["plot"], *paths.get("preface", []), *paths.get("include", [])]
+        assert [p for p in named if not (ROOT / p).is_file()] == [], overlay
