@@ -12,10 +12,11 @@ import torch
 from helpers import ml100k_configs
 
 from ctrl.app.cli import main
-from finetune.export import export_model, load_scorer
+from finetune.export import encode_rows, export_model, load_scorer
 from tabular2text.datamodule import CTRDataModule
 from tabular2text.download import from_recbole_wheel
 from tabular2text.prepare import labelled_splits
+from tabular2text.schema import OOV
 from tabular2text.sources import DataError, read_recbole, read_table
 from towers import BACKBONES
 from towers.collaborative import CTRModel, backbone_config
@@ -228,3 +229,8 @@ def test_the_readme_own_data_commands_run_verbatim(tmp_path, monkeypatch, capsys
     assert shop.user_id.tolist() == ["U03", "U05", "U99", "U10"]
     assert shop.label.tolist()[:2] == [1, 0] and shop.label.isna().tolist()[2:] == [True, True]
     assert (tmp_path / "runs" / "shop" / "finetune" / "export" / "model.onnx").is_file()
+    # new_rows.csv joins its RecBole token_seq values as the .item file does (a space): known categories, not the
+    # out-of-vocabulary id its old "Garden|Home" scored as
+    spec = load_scorer(tmp_path / "runs" / "shop" / "finetune" / "export").spec
+    categories = encode_rows(pd.read_csv(ROOT / "configs" / "recbole" / "new_rows.csv", dtype=str), spec)["categories"]
+    assert [sorted(set(ids) - {0}) != [] and OOV not in ids for ids in categories] == [True] * 4
