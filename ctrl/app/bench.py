@@ -30,6 +30,7 @@ import yaml
 
 from ctrl.align.probe import TransferProbe
 from ctrl.app.lightning_cli import merged_config
+from ctrl.app.paths import portable_config_path
 from ctrl.app.pipeline import STAGE1_PHASE, best_checkpoint, finish_wandb, fit_stage, stage_configs, timed, train
 from ctrl.app.report import BASE, CTRL, append_record, command_line, machine, read_records, write_report
 from ctrl.app.tune import TUNING, Tuning, choose, draw_trials, grid_record, trial_args, trial_name, write_overlays
@@ -219,7 +220,7 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
     done = {(r["variant"], r["backbone"], r["seed"]): r for r in read_records(results)}
     if key in done:
         recorded = {k: done[key].get(k) for k in args}
-        if recorded != args:
+        if portable(recorded) != portable(args):
             raise ConfigError(f"{results} records {variant.name}/{backbone}/seed {seed} with other configs or"
                              f" arguments ({recorded}, now {args}); run with the same options, another --out, or"
                              " rename the variant")
@@ -258,6 +259,13 @@ def run_once(variant: Variant, backbone: str, seed: int, common_args: list[str],
         **args, "configs_sha": contents, "overrides": variant_overrides(variant), "run_dir": str(run_dir),
         "command": command_line(), "machine": machine(), "finished": datetime.now().isoformat(timespec="seconds"),
     })
+
+
+def portable(args: dict) -> dict:
+    """A run's configs and arguments with the shipped configs named as `configs/...`: a store written by a
+    checkout is resumed by an installed package (and the other way round), whose copies of them lie elsewhere;
+    configs_sha still tells whether their contents changed."""
+    return {k: [portable_config_path(a) for a in v] if isinstance(v, list) else v for k, v in args.items()}
 
 
 def config_texts(configs: list[str]) -> list[str]:

@@ -32,6 +32,18 @@ def resolve_config_path(path: str) -> str:
     return str(shipped) if shipped.exists() else path
 
 
+def portable_config_path(path: str) -> str:
+    """A path into some copy of `configs/` as `configs/...` when the shipped copy has that file, wherever either
+    lies (a checkout, a venv's site-packages, another machine's); any other path as given. The same configs
+    then compare alike across installations, e.g. in `ctrl bench`'s store (whose content hash still tells
+    whether the files changed)."""
+    parts = Path(path).parts
+    if "configs" not in parts:
+        return path
+    inside = parts[len(parts) - parts[::-1].index("configs"):]  # after the last `configs`
+    return str(Path("configs", *inside)) if inside and shipped_configs().joinpath(*inside).is_file() else path
+
+
 def resolve_config_args(args: Sequence[str]) -> list[str]:
     """Command-line arguments with each config file (`--config X`, `--config=X`, `-c X`) resolved as above. A
     `--config` given as a YAML string instead of a file is not under `configs/` and stays as it is."""

@@ -195,6 +195,20 @@ def test_rerun_skips_finished_runs_and_resumes_a_missing_one(bench_run, monkeypa
     assert again["metrics"] == pytest.approx(before["metrics"], abs=1e-6)
 
 
+def test_a_store_written_by_another_installation_resumes(bench_run, monkeypatch, tmp_path, capsys):
+    """A store records the shipped configs where that installation keeps them (a checkout's configs/, a venv's
+    site-packages/ctrl/configs/): the same benchmark from another one once refused every recorded run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = (bench_run / "out" / "results.jsonl").read_text()
+    assert '"configs/stages/finetune.yaml"' in lines
+    elsewhere = "/opt/venv/lib/python3.11/site-packages/ctrl/configs/stages/"
+    (out / "results.jsonl").write_text(lines.replace('"configs/stages/', f'"{elsewhere}'))
+    monkeypatch.setattr(ctrl.app.bench, "train", lambda *a, **k: pytest.fail("a recorded run trained again"))
+    main([*bench_args(bench_run), "--out", str(out)])
+    assert capsys.readouterr().out.count("already in") == 2 * len(SEEDS)
+
+
 def test_a_recorded_run_with_other_arguments_is_refused(bench_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*bench_args(bench_run), "--data_dir", str(bench_run / "elsewhere")])
