@@ -8,6 +8,10 @@ An export directory holds:
     model.onnx            the same model in ONNX (dynamic batch; inputs named as the encoded batch keys,
                           output `logit`), for onnxruntime and other ONNX runtimes
 
+An export replaces its whole folder, so an existing folder is replaced only when it is empty or is an earlier
+export (`may_replace`); a folder holding anything else, the checkpoint being exported or the current folder is
+refused and left as it was.
+
 Loading needs torch, pandas and this package only: no Lightning, no transformers, no language model.
 """
 
@@ -17,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,7 @@ from safetensors.torch import load_file, save
 
 from tabular2text.atomic import atomic_path, file_sha256, first_mismatch
 from tabular2text.encode import encode_column, frame_to_tensors
+from tabular2text.oserrors import PathError, option_of
 from tabular2text.schema import FeatureSpec, vocab_key
 from tabular2text.sources import DataError, out_of_range, plain
 from towers.checkpoints import ExportError
@@ -36,14 +42,19 @@ EXPORT_VERSION = 3  # 1: the backbone by its towers.BACKBONES name; 3: model.jso
 FILES = ("weights.safetensors", "feature_spec.json", "model.pt2", "model.onnx")
 
 
-def export_model(model: CTRModel, spec: FeatureSpec, backbone: dict | None, out_dir: str | Path) -> Path:
+def export_model(model: CTRModel, spec: FeatureSpec, backbone: dict | None, out_dir: str | Path,
+                 checkpoint: str | Path | None = None) -> Path:
     """Write `model`, `spec` and the backbone config that rebuilds the tower (`towers.backbone_config`) to
-    `out_dir`; the directory appears complete or not at all."""
+    `out_dir`; the directory appears complete or not at all. `checkpoint`, the file the model was read from,
+    must not lie in `out_dir` (`may_replace`)."""
     if not backbone:
         raise ValueError("the model's backbone config is unknown (the tower was built by a callable that is not a"
                          " backbone class or a partial of one); build it from a towers class to export it")
     out = Path(out_dir)
-    with atomic_path(out, directory=True) as tmp:  # an older export is replaced only by a complete one
+    # An earlier export is replaced only by a complete one; anything else is refused before any work, and asked
+    # about again under the writers' lock, in case something was put there meanwhile.
+    may_replace(out, checkpoint)
+    with atomic_path(out, directory=True, replace=lambda found: may_replace(found, checkpoint)) as tmp:
         model = model.eval()
         # Serialized in memory and written by Python: torch's zip writer aborts the process (a C++ terminate) on a
         # full disk, while a Python write raises ENOSPC, which the CLI reports as one line naming `out_dir`.
@@ -62,6 +73,39 @@ def export_model(model: CTRModel, spec: FeatureSpec, backbone: dict | None, out_
         meta["settings_sha256"] = settings_sha256(meta)
         (tmp / "model.json").write_text(json.dumps(meta, indent=1))
     return out
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds a ctrl-rec export and nothing else: a model.json of the export format beside
+    only files an export writes (an older export has fewer of them)."""
+    names = {p.name for p in folder.iterdir()}
+    if "model.json" not in names or not names <= {"model.json", *FILES}:
+        return False
+    try:
+        return json.loads((folder / "model.json").read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a mapping
+        return False
+
+
+def may_replace(out: Path, checkpoint: str | Path | None = None) -> bool:
+    """True when writing an export to `out` removes nothing but an earlier export: `out` is new, empty or an
+    export, and holds neither the current folder nor `checkpoint`. Otherwise a PathError (the CLI's one line)
+    names `out` and what it holds; nothing is touched."""
+    if not out.is_dir():
+        return True  # new, or a file that atomic_path refuses
+    out = Path(os.path.abspath(out))
+    real = out.resolve()
+    inside = (("is or holds the current folder", Path.cwd()), ("holds the checkpoint being exported", checkpoint))
+    held = [what for what, inner in inside
+            if inner is not None and real in (Path(inner).resolve(), *Path(inner).resolve().parents)]
+    names = sorted(p.name for p in out.iterdir())
+    if not held and (not names or is_export(out)):
+        return True
+    problem = held[0] if held else f"holds files that are not a ctrl-rec export (e.g. {names[0]})"
+    option = option_of(out)
+    where = f" (from {option})" if option else ""
+    raise PathError(f"{out}: {problem}{where}, and an export replaces its whole folder; pass a new or empty folder,"
+                    " or an earlier export to replace")
 
 
 def export_onnx(program: torch.export.ExportedProgram, inputs: list[str], path: Path) -> None:

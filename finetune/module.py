@@ -231,7 +231,7 @@ def load_stage2(ckpt_path: str | Path, what: str = "export", option: str = "--ck
 def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
     """Export a stage-2 checkpoint for serving (finetune/export.py)."""
     module = load_stage2(ckpt_path)
-    return export_model(module.model, module.spec, module.hparams.backbone, out)
+    return export_model(module.model, module.spec, module.hparams.backbone, out, ckpt_path)
 
 
 def log_export_artifact(trainer: pl.Trainer, export_dir: Path) -> None:
@@ -272,6 +272,6 @@ class ExportBest(pl.Callback):
                               " --trainer.limit_val_batches 0, --trainer.max_steps below one epoch), so there is no"
                               " trained model to export; fit at least one epoch with validation")
         module = load_stage2(best) if best else pl_module
-        self.export_dir = export_model(module.model, module.spec, module.hparams.backbone, out)
+        self.export_dir = export_model(module.model, module.spec, module.hparams.backbone, out, best or None)
         log_export_artifact(trainer, self.export_dir)
         self.seconds = time.perf_counter() - start

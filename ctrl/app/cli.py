@@ -94,7 +94,8 @@ def export(*, ckpt_path: str, out: str) -> None:
 
     Args:
         ckpt_path: a checkpoint of `ctrl fit` with a finetune_*.yaml config, e.g. .../checkpoints/best.ckpt.
-        out: the export directory; an existing one is replaced only once the new export is complete.
+        out: the export directory: new, empty or an earlier export, replaced only once the new export is
+            complete (a folder holding anything else, the checkpoint or the current folder is refused).
     """
     from finetune.module import export_checkpoint
 

@@ -26,6 +26,7 @@ import ctrl.app.cli
 from ctrl.app.cli import main
 from finetune.export import load_scorer
 from tabular2text.datamodule import CTRDataModule
+from tabular2text.oserrors import PathError
 from tabular2text.sources import DataError
 from towers.checkpoints import ExportError
 
@@ -660,6 +661,90 @@ def test_truncated_or_incomplete_export_is_refused_by_name(small_run, tmp_path):
     export = damaged("no-meta", lambda d: (d / "model.json").unlink())
     with pytest.raises(FileNotFoundError, match=f"{export} is not a ctrl-rec export: model.json is missing"):
         load_scorer(export)
+
+
+def everything_in(folder: Path) -> dict[str, bytes | None]:
+    """Each path under `folder` (hidden ones included) -> its bytes, None for a folder."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def a_project(tmp: Path, run: Path) -> Path:
+    (tmp / "project").mkdir()
+    (tmp / "project" / "main.py").write_text("print('my work')\n")
+    return tmp / "project"
+
+
+def a_run(tmp: Path, run: Path) -> Path:
+    """A copy of the small run's stage-2 folder: checkpoints, config.yaml, W&B files and its export."""
+    shutil.copytree(run / "out" / "finetune", tmp / "run")
+    return tmp / "run"
+
+
+EXPORT_OVER = {  # name -> (the folder, made in tmp; the folder to cd into; the --out argument; what the line says)
+    "a folder of other files": (a_project, None, str, "holds files that are not a ctrl-rec export (e.g. main.py)"),
+    "the run folder holding the checkpoint": (a_run, None, str, "holds the checkpoint being exported"),
+    "the current folder as .": (a_project, "project", lambda _: ".", "is or holds the current folder"),
+    "the current folder as ./": (a_project, "project", lambda _: "./", "is or holds the current folder"),
+    "the current folder by another name": (a_project, "project", lambda _: "../project",
+                                           "is or holds the current folder"),
+    "an export holding the current folder": (
+        lambda tmp, run: Path(shutil.copytree(run / "out" / "finetune" / "export", tmp / "old")),
+        "old", lambda _: ".", "is or holds the current folder"),
+}
+
+
+@pytest.mark.parametrize("name", EXPORT_OVER)
+def test_an_export_over_a_folder_it_would_remove_is_refused_and_the_folder_kept(name, small_run, tmp_path, capsys,
+                                                                                monkeypatch):
+    """An export replaces its whole folder: a folder that is not empty or an earlier export, or one holding the
+    checkpoint or the current folder, is refused in one line naming it, and every file stays. Was: removed (the
+    run folder with best.ckpt, a project's sources, the current folder), and `--out .` a ValueError of pathlib."""
+    make, cd, out, says = EXPORT_OVER[name]
+    folder = make(tmp_path, small_run)
+    checkpoint = str(next(folder.rglob("best.ckpt"), None) or ckpt(small_run, "finetune"))
+    before = everything_in(tmp_path)
+    monkeypatch.chdir(tmp_path / cd if cd else tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", checkpoint, "--out", out(folder)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert last.startswith(f"error: {folder}: {says}") and "pass a new or empty folder" in last
+    assert everything_in(tmp_path) == before  # every file as it was, and no .tmp or .lock left
+
+
+def test_a_file_put_into_the_export_folder_while_exporting_is_kept(small_run, tmp_path, monkeypatch):
+    """The folder is looked at again under the writers' lock, just before the swap: what appeared there while the
+    export was written is kept, and the new export is dropped."""
+    import finetune.export
+    from finetune.module import export_checkpoint
+
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    onnx = finetune.export.export_onnx
+
+    def and_meanwhile(program, inputs, path):
+        onnx(program, inputs, path)
+        (folder / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(finetune.export, "export_onnx", and_meanwhile)
+    with pytest.raises(PathError, match=rf"^{folder}: holds files that are not a ctrl-rec export \(e.g. notes.txt\)"):
+        export_checkpoint(ckpt(small_run, "finetune"), folder)
+    assert everything_in(tmp_path) == {"empty": None, "empty/notes.txt": b"mine"}
+
+
+def test_an_earlier_export_is_replaced_and_an_empty_folder_is_used(small_run, tmp_path, capsys):
+    """What may be replaced is: an earlier export (here a damaged one, which the new one replaces whole) and an
+    empty folder; both then load."""
+    earlier = Path(shutil.copytree(small_run / "out" / "finetune" / "export", tmp_path / "earlier"))
+    (earlier / "weights.safetensors").write_bytes(b"damaged")
+    (tmp_path / "empty").mkdir()
+    rows = pd.DataFrame({"user_id": ["1"], "item_id": ["2"]})
+    expected = load_scorer(small_run / "out" / "finetune" / "export")(rows)
+    for folder in (earlier, tmp_path / "empty"):
+        main(["export", "--ckpt_path", ckpt(small_run, "finetune"), "--out", str(folder)])
+        assert f"exported: {folder}" in capsys.readouterr().out
+        np.testing.assert_allclose(load_scorer(folder)(rows), expected, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "empty"]
 
 
 def test_a_modified_model_json_is_refused_by_the_serving_api_with_one_line(small_run, tmp_path):
