@@ -1,6 +1,7 @@
 """The main job end to end (stage 1 -> stage 2 -> test -> export) from the real configs, on a small
 MovieLens-1M-layout data set with a tiny BERT; the stage-1 -> stage-2 hand-over and its errors."""
 
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -89,6 +90,18 @@ def test_main_job_runs_both_stages_and_exports(small_run, capsys):
     artifacts = [r.artifact for r in wandb_records(run_file) if r.WhichOneof("record_type") == "artifact"]
     assert [a.type for a in artifacts] == ["model"]
     assert {f.path for f in artifacts[0].manifest.contents} >= {"weights.safetensors", "model.json", "model.pt2"}
+
+
+def test_a_resumed_fit_replaces_its_own_export(small_run, tmp_path, monkeypatch):
+    """An export replaces only an empty folder or an earlier export (finetune.export.may_replace): a fit's own
+    export, <default_root_dir>/export beside its checkpoints, is one, so the fit resumed there replaces it."""
+    run = Path(shutil.copytree(small_run / "out" / "finetune", tmp_path / "run"))
+    earlier = (run / "export" / "model.json").stat().st_ino
+    monkeypatch.setenv("CTRL_CACHE_DIR", str(small_run / "cache"))
+    main(["fit", "--config", str(small_run / "configs" / "finetune.yaml"), "--data.data_dir", str(small_run / "ml-1m"),
+          "--trainer.logger", "false", "--trainer.default_root_dir", str(run), "--ckpt_path", "last"])
+    assert (run / "export" / "model.json").stat().st_ino != earlier
+    assert load_model(run / "export")[1].item_noun == "movie"
 
 
 def test_init_from_changes_the_starting_tower(small_run):
