@@ -201,8 +201,12 @@ def check_schema(schema: dict, shape: Mapping, path: Path) -> None:
     if "label" in schema and "negatives" in schema:
         raise SchemaError(f"{path}: `label` and `negatives` exclude each other: negatives are sampled only for a log"
                           " of positives that has no label; drop one")
+    label_column = label.get("column") if isinstance(label, dict) else label
     seen: dict[str, int] = {}
     for i, spec in enumerate(schema.get("fields") or []):
+        if spec["name"] == label_column:
+            raise SchemaError(f"{path}: fields[{i}] ({spec['name']}) is the label column; a model must not read its"
+                              " label as an input: remove it from `fields`")
         if spec["name"] in seen:
             j = seen[spec["name"]]
             sides = {spec.get("side"), schema["fields"][j].get("side")} - {None}

@@ -214,8 +214,17 @@ CASES = {
         ("template feature='{{gender}} = {{value}}' names unknown field(s) {{gender}}", "only {{name}}, {{value}}")),
     "empty split after filtering": Case(
         lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace(
-            "label: click", "label: {column: price, positive_above: 50, negative_below: 5}"))),
+            "label: click", "label: {column: price, positive_above: 50, negative_below: 5}").replace(
+            "  - {name: price, kind: numeric, side: item, text: price}\n", ""))),
         ("split is empty (1 labelled rows after filtering)",)),
+    "the label column declared as a feature": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA + "  - {name: click, kind: categorical,"
+                                                                      " side: context}\n")),
+        ("{tmp}/g/schema.yaml: fields[6] (click) is the label column", "remove it from `fields`")),
+    "the thresholded label column declared as a numeric feature": Case(
+        lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace(
+            "label: click", "label: {column: price, positive_above: 20, negative_below: 20}"))),
+        ("{tmp}/g/schema.yaml: fields[5] (price) is the label column", "remove it from `fields`")),
     "label threshold that is not a number": Case(
         lambda tmp, run: prepare(generic(tmp, schema=GENERIC_SCHEMA.replace(
             "label: click", "label: {column: price, positive_above: high}"))),
