@@ -8,6 +8,7 @@ CSV file plus a YAML schema).
 
 from __future__ import annotations
 
+import csv
 import re
 import sys
 from dataclasses import dataclass, field
@@ -534,6 +535,26 @@ def read_recbole_dir(directory: Path, history_length: int = 10) -> Table:
 
 
 # --- Generic: parquet or CSV + YAML schema --------------------------------------------------------------
+def refuse_short_rows(path: Path, frame: pd.DataFrame) -> None:
+    """pandas fills a CSV line with fewer values than the header with missing ones; refuse it, as `read_lines`
+    does. Such a line leaves the last column missing, so only a file with a missing last value is read again,
+    by Python's csv module (which splits lines as pandas does), to find the line."""
+    if not frame.iloc[:, -1].isna().any():
+        return
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        rows = (row for row in reader if len(row) > 1 or (row and row[0].strip()))  # pandas skips blank lines
+        try:
+            expected = len(next(rows))  # the header
+            for row in rows:
+                if len(row) < expected:
+                    raise DataError(f"{path}:{reader.line_num}: expected {expected} ','-separated columns, found"
+                                    f" {len(row)} in {','.join(row)[:80]!r}; give every column a value (an empty"
+                                    " one between commas is missing) or remove the line")
+        except csv.Error:  # a field over the csv module's size limit, which pandas read: leave the file as read
+            return
+
+
 def read_generic(schema_path: Path, history_length: int = 10) -> Table:
     """Read data described by a YAML schema: `configs/generic/schema.yaml` is a complete example (with its
     clicks.csv) of every key: data, label (or negatives), timestamp, user, item, history, item_noun,
@@ -573,6 +594,7 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
             frame = pd.read_csv(data_path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
             raise DataError(f"{data_path}: malformed CSV ({e}); save it as UTF-8 with a header line") from e
+        refuse_short_rows(data_path, frame)
 
     label = label_rule(schema["label"]) if "label" in schema else None
     negatives = NegativeRule(**schema["negatives"]) if "negatives" in schema else None

@@ -319,6 +319,10 @@ CASES = {
     "CSV line with an extra value": Case(
         lambda tmp, run: prepare(generic_row("u2,M,i2,Blue Hat,hat,12.5,0,1", "u2,M,i2,Blue Hat,hat,12.5,0,1,9")(tmp)),
         ("{tmp}/g/clicks.csv: malformed CSV", "Expected 8 fields in line 3, saw 9")),
+    "CSV line with a value too few": Case(
+        lambda tmp, run: prepare(generic_row("u2,M,i2,Blue Hat,hat,12.5,0,1", "u2,M,i2,Blue Hat,hat,12.5,0")(tmp)),
+        ("{tmp}/g/clicks.csv:3: expected 8 ','-separated columns, found 7 in 'u2,M,i2,Blue Hat,hat,12.5,0'",
+         "give every column a value")),
     "CSV with a header only": Case(
         lambda tmp, run: prepare(generic(tmp, csv=GENERIC_CSV.splitlines()[0] + "\n")),
         ("the train split is empty (0 labelled rows after filtering)",)),

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import ML100K, write_generic, write_ml1m
+from helpers import GENERIC_CSV, ML100K, write_generic, write_ml1m
 
 from ctrl.app.cli import main
 from tabular2text.datamodule import CTRDataModule
@@ -280,6 +280,22 @@ def test_generic_csv_and_yaml_through_the_same_pipeline(tmp_path):
     assert (dm.feature_spec.user_field, dm.feature_spec.item_field) == ("user", "item")
     mean, std = dm.feature_spec.numeric_stats["price"]  # train = ts 1..16; ts 3 has no price
     assert mean == pytest.approx(np.mean([12.5, 12.5, 30, 30, 30, 20, 20, 12.5, 99, 20, 12.5, 12.5, 30, 30, 20]))
+
+
+def test_a_generic_csv_line_with_fewer_values_than_the_header_is_refused_by_its_line(tmp_path):
+    """pandas would fill the missing values in; the line is named as the CSV holds it (blank lines and a quoted
+    value over two lines count), and an empty last value, written between commas, is only missing."""
+    from tabular2text.sources import DataError, read_table
+
+    lines = GENERIC_CSV.splitlines()
+    lines[2] = lines[2].replace("Blue Hat", '"Blue\nHat"')  # one value over lines 3 and 4
+    lines[5] = lines[5].rsplit(",", 1)[0] + ","  # an empty timestamp: missing, not a short line
+    schema = write_generic(tmp_path / "g", csv="\n".join([*lines[:4], "", *lines[4:]]) + "\n")
+    assert read_table(schema).frame["ts"].isna().sum() == 1
+    lines[6] = lines[6].rsplit(",", 1)[0]  # u3,F,i1,...,0 on line 9: one value too few
+    schema = write_generic(tmp_path / "g", csv="\n".join([*lines[:4], "", *lines[4:]]) + "\n")
+    with pytest.raises(DataError, match=r"g/clicks.csv:9: expected 8 ','-separated columns, found 7 in 'u3,F,i1,"):
+        read_table(schema)
 
 
 def test_preparation_and_the_scorer_key_every_dtype_the_same_way(tmp_path):
