@@ -12,6 +12,7 @@ import csv
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -555,6 +556,26 @@ def refuse_short_rows(path: Path, frame: pd.DataFrame) -> None:
             return
 
 
+def list_values(value: object, separator: str) -> list[str]:
+    """A multi-valued cell's values: a string split at `separator`, or a list (parquet's list type) keyed value
+    by value as categorical values are; missing values and empty entries are dropped."""
+    if isinstance(value, str):
+        return [s for s in value.split(separator) if s]
+    if isinstance(value, list | tuple | np.ndarray):
+        return [k for v in value if (k := vocab_key(v))]
+    return [] if pd.isna(value) else [s for s in str(value).split(separator) if s]
+
+
+def refuse_lists(values: pd.Series, path: Path) -> None:
+    """A single-valued column of a parquet file holds no list (parquet's list type), as in `ctrl score`."""
+    listed = values.map(lambda v: isinstance(v, list | tuple | np.ndarray))
+    if listed.any():
+        i = int(listed.to_numpy().argmax())
+        raise DataError(f"{path}: row {i + 1}, column {values.name!r}: a list ({list(values.iloc[i])!r:.80}) where a"
+                        " categorical field takes one value; declare the field `kind: multi_valued` or store one value"
+                        " per row")
+
+
 def read_generic(schema_path: Path, history_length: int = 10) -> Table:
     """Read data described by a YAML schema: `configs/generic/schema.yaml` is a complete example (with its
     clicks.csv) of every key: data, label (or negatives), timestamp, user, item, history, item_noun,
@@ -639,11 +660,12 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
                         f" {data_path.name} (its columns: {', '.join(map(str, frame.columns))})")
     for f in fields:
         if f.kind == "multi_valued":
-            frame[f.name] = frame[f.name].map(
-                lambda v, sep=f.separator: [] if pd.isna(v) else [s for s in str(v).split(sep) if s])
+            frame[f.name] = frame[f.name].map(partial(list_values, separator=f.separator))
         elif f.kind == "numeric":
             frame[f.name] = numeric_column(frame[f.name], data_path, f.name, first_line=2)
         elif f.kind == "categorical":
+            if data_path.suffix == ".parquet":  # a list's key would be its repr, "['coat']"
+                refuse_lists(frame[f.name], data_path)
             # the scorer's rule too: a float id column (37.0, from one missing value) keys as a raw 37 does
             frame[f.name] = frame[f.name].astype(object).map(vocab_key)
     if label:

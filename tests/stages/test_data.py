@@ -1,5 +1,6 @@
 """The data pipeline on real MovieLens-100K, both download routes, ML-1M layout, generic data, bad input."""
 
+import io
 import json
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import GENERIC_CSV, ML100K, write_generic, write_ml1m
+from helpers import GENERIC_CSV, GENERIC_SCHEMA, ML100K, write_generic, write_ml1m
 
 from ctrl.app.cli import main
 from tabular2text.datamodule import CTRDataModule
@@ -296,6 +297,31 @@ def test_a_generic_csv_line_with_fewer_values_than_the_header_is_refused_by_its_
     schema = write_generic(tmp_path / "g", csv="\n".join([*lines[:4], "", *lines[4:]]) + "\n")
     with pytest.raises(DataError, match=r"g/clicks.csv:9: expected 8 ','-separated columns, found 7 in 'u3,F,i1,"):
         read_table(schema)
+
+
+def test_a_parquet_list_column_prepares_as_its_joined_strings_do(tmp_path):
+    """Parquet stores a multi-valued column as lists (as `ctrl score` takes them): they prepare to the same ids
+    and texts as the `|`-joined strings, a one-element list included (its token is "hat", never "['hat']");
+    a list in a categorical column is refused by row and column."""
+    from tabular2text.sources import DataError, read_table
+
+    rows = pd.read_csv(io.StringIO(GENERIC_CSV), dtype=str)
+    rows.loc[3, "tags"], rows.loc[5, "tags"] = None, ""
+    lists = rows["tags"].map(lambda v: [t for t in v.split("|") if t] if isinstance(v, str) else None)
+    assert lists[1] == ["hat"] and lists[5] == []
+    frames, schema = {}, GENERIC_SCHEMA.replace("data: clicks.csv", "data: clicks.parquet")
+    for name, tags in (("joined", rows["tags"]), ("lists", lists)):
+        write_generic(tmp_path / name, schema=schema)
+        rows.assign(tags=tags).to_parquet(tmp_path / name / "clicks.parquet")
+        dm = CTRDataModule(str(tmp_path / name / "schema.yaml"), cache_dir=str(tmp_path / "cache"))
+        frames[name] = pd.concat([dm.frame(s) for s in ("train", "val", "test")], ignore_index=True)
+        assert sorted(dm.feature_spec.vocabularies["tags"]) == ["bag", "green", "hat", "jewel", "red", "shoes"]
+    pd.testing.assert_frame_equal(frames["joined"], frames["lists"])
+    assert frames["lists"].item_text[0] == "This is a product, title is Blue Hat, tags is hat, price is 12.5."
+    rows.assign(title=rows["title"].map(lambda v: [v])).to_parquet(tmp_path / "lists" / "clicks.parquet")
+    with pytest.raises(DataError, match=r"clicks.parquet: row 1, column 'title': a list \(\['Red Shoes'\]\) where a"
+                                        " categorical field takes one value"):
+        read_table(tmp_path / "lists" / "schema.yaml")
 
 
 def test_preparation_and_the_scorer_key_every_dtype_the_same_way(tmp_path):
