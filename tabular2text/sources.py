@@ -311,15 +311,19 @@ def read_movielens_1m(directory: Path, history_length: int = 10) -> Table:
 RECBOLE_KINDS = {"token": "categorical", "token_seq": "multi_valued", "float": "numeric"}
 
 
+def atomic_header(path: Path) -> list[str]:
+    """The first line of a RecBole atomic file, split at tabs; decoded as `read_lines` decodes every line."""
+    with path.open("rb") as fh:
+        return decode(fh.readline(), path).rstrip("\n").split("\t")
+
+
 def read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     """A RecBole atomic file -> (frame, column -> RecBole type). Tab-separated with a `name:type` header;
     token_seq and float_seq values are space-separated; an empty value is missing."""
     if not path.is_file():
         raise DataError(f"missing file: {path}")
-    with path.open(encoding="utf-8-sig") as fh:
-        header = fh.readline().rstrip("\n").split("\t")
     columns, types = [], {}
-    for h in header:
+    for h in atomic_header(path):
         name, _, kind = h.partition(":")
         if kind not in ("token", "token_seq", "float", "float_seq"):
             raise DataError(f"{path}:1: header {h!r} is not `name:type` with type token, token_seq, float or"
@@ -356,9 +360,7 @@ def is_movielens_atomic(directory: Path) -> bool:
     _, user, item = atomic_files(directory)
     if user is None or item is None:
         return False
-    with item.open(encoding="utf-8-sig") as fh:
-        header = {h.partition(":")[0] for h in fh.readline().rstrip("\n").split("\t")}
-    return {"movie_title", "class"} <= header
+    return {"movie_title", "class"} <= {h.partition(":")[0] for h in atomic_header(item)}
 
 
 def read_recbole_movielens(directory: Path, history_length: int = 10) -> Table:

@@ -17,7 +17,7 @@ from tabular2text.datamodule import CTRDataModule
 from tabular2text.download import from_recbole_wheel
 from tabular2text.prepare import labelled_splits
 from tabular2text.schema import OOV
-from tabular2text.sources import DataError, read_recbole, read_table
+from tabular2text.sources import DataError, read_atomic, read_recbole, read_table
 from towers import BACKBONES
 from towers.collaborative import CTRModel, backbone_config
 
@@ -94,6 +94,21 @@ def test_a_byte_order_mark_and_an_item_without_a_line_in_the_item_table(tmp_path
     assert dm.feature_spec.names[0] == "user_id"
     rows = pd.concat([dm.frame(s) for s in ("train", "val", "test")], ignore_index=True)
     assert len(rows) == 11 and "This is an item." in rows.item_text.tolist()
+
+
+def test_a_latin_1_line_in_a_recbole_file_is_read_as_latin_1(tmp_path, capsys):
+    """As the README promises for every delimited file: a line that is not UTF-8 is read as latin-1, in the
+    .item table (which also tells RecBole's MovieLens conversions apart) and the .user table alike; a file
+    mixing both encodings is named in a warning with its first latin-1 line."""
+    data = write_shop(tmp_path / "shop")
+    (data / "shop.item").write_bytes(SHOP_ITEM.replace("Red Kettle", "Café Kettle").encode("latin-1"))
+    (data / "shop.user").write_bytes(SHOP_USER.encode() + "U3\tCuraçao\n".encode("latin-1"))
+    table = read_table(data)
+    assert "Café Kettle" in table.frame["title"].tolist() and capsys.readouterr().err == ""
+    (data / "shop.user").write_bytes(SHOP_USER.encode() + "U3\tCuraçao\n".encode("latin-1")
+                                     + "U4\tCôte d'Ivoire\n".encode())
+    assert read_atomic(data / "shop.user")[0].country.tolist() == ["FR", "DE", "Curaçao", "Côte d'Ivoire"]
+    assert f"warning: {data / 'shop.user'}: 1 line(s) are not UTF-8 (first: line 4)" in capsys.readouterr().err
 
 
 def test_a_schema_yaml_overrides_label_text_and_columns_of_a_recbole_set(tmp_path):
