@@ -5,7 +5,8 @@
 The rows carry raw values, as in the data the model was trained on (ids, categories, numbers, lists joined
 by the field's separator). The output keeps the input's order and holds the user and item id columns
 (when the rows have them), `probability`, and `label` when the rows carry the training label's column
-(labelled by the same rule; <NA> where the rule drops the row). Lightning and transformers are not needed.
+(labelled by the same rule; <NA> where the rule drops the row or the value is empty; a value the rule
+cannot read is refused). Lightning and transformers are not needed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pandas as pd
 
 from finetune.export import Scorer
 from tabular2text.atomic import atomic_path
-from tabular2text.sources import DataError
+from tabular2text.schema import LabelRule, vocab_key
+from tabular2text.sources import DataError, plain
 
 
 def read_rows(path: str | Path) -> pd.DataFrame:
@@ -44,7 +46,22 @@ def score_rows(scorer: Scorer, rows: pd.DataFrame, where: str = "rows") -> pd.Da
     out = rows[ids].reset_index(drop=True).copy()
     out["probability"] = scorer(rows, where)
     if spec.label and spec.label.column in rows:
-        out["label"] = spec.label.labels(rows[spec.label.column]).reset_index(drop=True).astype("Int8")
+        out["label"] = labels(spec.label, rows[spec.label.column].reset_index(drop=True), where).astype("Int8")
+    return out
+
+
+def labels(rule: LabelRule, values: pd.Series, where: str) -> pd.Series:
+    """The training rule's labels of `values`; an empty value has none, and a value the rule cannot read (not a
+    number, or not 0 or 1 without thresholds) is refused by row, as preparation refuses it."""
+    out = rule.labels(values)
+    present = values.astype(object).map(vocab_key).notna()
+    binary = rule.positive_above is None and rule.negative_below is None
+    bad = present & (out.isna() if binary else pd.to_numeric(values.where(present), errors="coerce").isna())
+    if bad.any():
+        i = int(bad.to_numpy().argmax())
+        raise DataError(f"{where}: row {i + 1}, column {rule.column!r}: a label must be"
+                        f" {'0 or 1' if binary else 'a number'} (as in training), found {plain(values.iloc[i])!r};"
+                        " fix the value, or leave it empty for a row without a label")
     return out
 
 

@@ -212,8 +212,11 @@ def test_ctrl_score_refuses_a_bad_value_in_one_line_and_writes_nothing(tmp_path,
     spec = CTRDataModule(str(ROOT / "configs" / "generic" / "schema.yaml"), cache_dir=str(tmp_path)).feature_spec
     export_model(CTRModel(DCN(spec)), spec, backbone_config(DCN), tmp_path / "export")
     (tmp_path / "rows.csv").write_text("user_id,price\n7,1.5\n\n8,abc\n")
+    (tmp_path / "labels.csv").write_text("user_id,click\n7,1\n8,\n9,2\n")  # empty: no label; 2: no label value
     out = tmp_path / "scores.parquet"
     for rows, message in ((tmp_path / "rows.csv", "row 2, column 'price': 'abc' is not a number"),
+                          (tmp_path / "labels.csv", "row 3, column 'click': a label must be 0 or 1 (as in training),"
+                                                    " found '2'"),
                           (tmp_path / "rows.txt", "must be a .csv or .parquet file"),
                           (tmp_path / "missing.csv", "does not exist")):
         shutil.copy(tmp_path / "rows.csv", tmp_path / "rows.txt")
