@@ -314,7 +314,7 @@ RECBOLE_KINDS = {"token": "categorical", "token_seq": "multi_valued", "float": "
 def atomic_header(path: Path) -> list[str]:
     """The first line of a RecBole atomic file, split at tabs; decoded as `read_lines` decodes every line."""
     with path.open("rb") as fh:
-        return decode(fh.readline(), path).rstrip("\n").split("\t")
+        return decode(fh.readline(), path).rstrip("\r\n").split("\t")
 
 
 def read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str]]:

@@ -111,6 +111,17 @@ def test_a_latin_1_line_in_a_recbole_file_is_read_as_latin_1(tmp_path, capsys):
     assert f"warning: {data / 'shop.user'}: 1 line(s) are not UTF-8 (first: line 4)" in capsys.readouterr().err
 
 
+def test_a_recbole_set_saved_with_windows_line_ends_reads_as_it_does_with_unix_ones(tmp_path):
+    """Its header's last type read as 'float\\r' and the whole set was refused as no RecBole file."""
+    unix = read_table(write_shop(tmp_path / "unix"))
+    windows = write_shop(tmp_path / "windows")
+    for path in windows.iterdir():
+        path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    table = read_table(windows)
+    pd.testing.assert_frame_equal(table.frame, unix.frame)
+    assert table.fields == unix.fields
+
+
 def test_a_schema_yaml_overrides_label_text_and_columns_of_a_recbole_set(tmp_path):
     lines = SHOP_ITEM.splitlines()
     item = "\n".join([lines[0] + "\temb:float_seq", *(line + "\t0.1 0.2" for line in lines[1:])]) + "\n"
