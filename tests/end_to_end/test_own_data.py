@@ -236,6 +236,11 @@ def test_ctrl_score_refuses_a_bad_value_in_one_line_and_writes_nothing(tmp_path,
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+    with pytest.raises(SystemExit) as exit_info:  # it wrote parquet bytes into scores.csv
+        main(["score", "--model", str(tmp_path / "export"), "--rows", str(tmp_path / "labels.csv"), "--out",
+              str(tmp_path / "scores.csv")])
+    assert exit_info.value.code == 2 and "writes a parquet file; name it *.parquet" in capsys.readouterr().err
+    assert not (tmp_path / "scores.csv").exists()
 
 
 def test_the_readme_own_data_commands_run_verbatim(tmp_path, monkeypatch, capsys):
