@@ -11,13 +11,14 @@ cannot read is refused). Lightning and transformers are not needed.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from finetune.export import Scorer
+from finetune.export import Scorer, encode_rows
 from tabular2text.atomic import atomic_path
-from tabular2text.schema import LabelRule, vocab_key
+from tabular2text.schema import OOV, PAD, LabelRule, vocab_key
 from tabular2text.sources import DataError, plain
 
 
@@ -65,12 +66,34 @@ def labels(rule: LabelRule, values: pd.Series, where: str) -> pd.Series:
     return out
 
 
+def mismatch_warnings(spec, rows: pd.DataFrame, sample: int = 10_000) -> list[str]:
+    """What in the rows differs from the training data in a way that changes every score without an error: a
+    feature column missing from every row, or a categorical column most of whose values (in the first `sample`
+    rows) were never seen in training, e.g. ids written differently (`00005` read as 5) or another data set."""
+    missing = [f.name for f in spec.fields if f.name not in rows]
+    out = [f"warning: the rows have no column {', '.join(missing)}: scored as missing in every row"] if missing else []
+    head = rows.head(sample)
+    encoded = encode_rows(head.reset_index(drop=True), spec)
+    for f in spec.fields:
+        if f.kind != "categorical" or f.name not in head:
+            continue
+        ids = encoded[f.name].to_numpy()
+        given = ids != PAD
+        unseen = (ids[given] == OOV).mean() if given.any() else 0.0
+        if unseen > 0.5:
+            out.append(f"warning: {unseen:.0%} of the values of {f.name!r} were never seen in training (scored as"
+                       " unknown); are the ids written as in the training data, and is this the model for it?")
+    return out
+
+
 def score_file(scorer: Scorer, rows_path: str | Path, out_path: str | Path) -> pd.DataFrame:
     """Score the rows of a CSV or parquet file and write them to `out_path` (parquet), atomically."""
     rows = read_rows(rows_path)
     where = f"{rows_path} (row 1 is the first line after the header)" if Path(rows_path).suffix == ".csv" \
         else str(rows_path)
     scores = score_rows(scorer, rows, where)
+    for line in mismatch_warnings(scorer.spec, rows):
+        print(line, file=sys.stderr)
     with atomic_path(Path(out_path)) as tmp:
         scores.to_parquet(tmp, index=False)
     return scores

@@ -243,6 +243,25 @@ def test_ctrl_score_refuses_a_bad_value_in_one_line_and_writes_nothing(tmp_path,
     assert not (tmp_path / "scores.csv").exists()
 
 
+def test_ctrl_score_warns_when_the_rows_do_not_look_like_the_training_data(tmp_path, capsys):
+    """Rows that score without error but not as trained: ids written otherwise (zero-padded, or another data set's)
+    all score as unknown, and a feature column absent from every row as missing; each gets a warning line."""
+    from towers import DCN
+
+    spec = CTRDataModule(str(ROOT / "configs" / "generic" / "schema.yaml"), cache_dir=str(tmp_path)).feature_spec
+    export_model(CTRModel(DCN(spec)), spec, backbone_config(DCN), tmp_path / "export")
+    training = pd.read_csv(ROOT / "configs" / "generic" / "clicks.csv", dtype=str)
+    for name, rows in (("same", training), ("padded", training.assign(user_id=training.user_id.str.zfill(5)))):
+        rows.to_csv(tmp_path / f"{name}.csv", index=False)
+        main(["score", "--model", str(tmp_path / "export"), "--rows", str(tmp_path / f"{name}.csv"), "--out",
+              str(tmp_path / f"{name}.parquet")])
+    err = capsys.readouterr().err.splitlines()
+    history = "warning: the rows have no column history: scored as missing in every row"
+    assert err == [history, history, "warning: 100% of the values of 'user_id' were never seen in training (scored as"
+                   " unknown); are the ids written as in the training data, and is this the model for it?"]
+    assert len(pd.read_parquet(tmp_path / "padded.parquet")) == len(training)  # a warning, not a refusal
+
+
 def test_the_readme_own_data_commands_run_verbatim(tmp_path, monkeypatch, capsys):
     """Each command of the README's "Your own data" block, as written, from a folder laid out like the
     repository root (its configs/); outputs land in that folder."""
