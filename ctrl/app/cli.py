@@ -117,7 +117,8 @@ def score(*, model: str, rows: str, out: str = "scores.parquet", batch_size: Pos
     from finetune.score import score_file
 
     origin(model, "--model"), origin(rows, "--rows"), origin(out, "--out")
-    if Path(out).suffix != ".parquet":  # a parquet file under another name would mislead whoever opens it
+    # parquet bytes in scores.csv would mislead whoever opens it; a folder gets the writers' own line
+    if Path(out).suffix != ".parquet" and not Path(out).is_dir():
         raise ConfigError(f"--out {out}: ctrl score writes a parquet file; name it *.parquet")
     if Path(model).is_dir():
         scorer = load_scorer(model, batch_size)
