@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from tabular2text.atomic import atomic_path, file_sha256, first_mismatch
 from tabular2text.encode import encode_column, frame_to_tensors
 from tabular2text.oserrors import PathError, option_of
 from tabular2text.schema import FeatureSpec, vocab_key
-from tabular2text.sources import DataError, out_of_range, plain
+from tabular2text.sources import DataError, first_bad, list_keys, out_of_range, plain
 from towers.checkpoints import ExportError
 from towers.collaborative import BACKBONES, CTRModel, build_backbone
 
@@ -180,18 +181,6 @@ def load_model(export_dir: str | Path) -> tuple[CTRModel, FeatureSpec]:
     return model.eval(), spec
 
 
-def as_list(value: object, separator: str) -> list:
-    if isinstance(value, str):
-        return [v for v in value.split(separator) if v]
-    if isinstance(value, list | tuple | np.ndarray):
-        return list(value)
-    return [] if vocab_key(value) is None else [value]
-
-
-def first_bad(bad: pd.Series) -> int:
-    return int(bad.to_numpy().argmax())
-
-
 def encode_rows(rows: pd.DataFrame, spec: FeatureSpec, where: str = "rows") -> pd.DataFrame:
     """Raw feature rows (values as in the source data) -> encoded columns.
 
@@ -204,7 +193,7 @@ def encode_rows(rows: pd.DataFrame, spec: FeatureSpec, where: str = "rows") -> p
     for f in spec.fields:
         values = rows[f.name] if f.name in rows else pd.Series([None] * len(rows), index=rows.index, dtype=object)
         if f.is_list:
-            values = values.map(lambda v, sep=f.separator: [k for x in as_list(v, sep) if (k := vocab_key(x))])
+            values = values.map(partial(list_keys, separator=f.separator))
         elif f.kind == "categorical":
             listed = values.map(lambda v: isinstance(v, list | tuple | np.ndarray))
             if listed.any():
@@ -246,14 +235,22 @@ class Scorer:
     def __call__(self, rows: pd.DataFrame, where: str = "rows") -> np.ndarray:
         """A column of the model's features that `rows` lacks counts as missing values (a new user's row may
         come without a user id); rows that share no column with the model are refused: nothing to score on."""
+        return self.predict(self.encode(rows, where))
+
+    def encode(self, rows: pd.DataFrame, where: str = "rows") -> pd.DataFrame:
+        """`rows` encoded for the model (`encode_rows`), refused when they share no column with it."""
         if not set(self.spec.names) & set(rows.columns):
             raise DataError(f"{where}: none of its columns ({', '.join(map(str, rows.columns[:10])) or 'none'}) is a"
                             f" feature of the model ({', '.join(self.spec.names[:10])}); name the columns as in the"
                             " training data")
-        tensors = frame_to_tensors(encode_rows(rows.reset_index(drop=True), self.spec, where), self.spec)
+        return encode_rows(rows.reset_index(drop=True), self.spec, where)
+
+    def predict(self, encoded: pd.DataFrame) -> np.ndarray:
+        """Click probabilities of encoded rows (`encode`), in batches of `batch_size`."""
+        tensors = frame_to_tensors(encoded, self.spec)
         out = []
         with torch.inference_mode():
-            for start in range(0, len(rows), self.batch_size):
+            for start in range(0, len(encoded), self.batch_size):
                 batch = {k: v[start:start + self.batch_size] for k, v in tensors.items()}
                 out.append(torch.sigmoid(self.model(batch)))
         return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.export import Scorer, encode_rows
+from finetune.export import Scorer
 from tabular2text.atomic import atomic_path
-from tabular2text.schema import OOV, PAD, LabelRule, vocab_key
-from tabular2text.sources import DataError, plain
+from tabular2text.schema import OOV, PAD, FeatureSpec, LabelRule, vocab_key
+from tabular2text.sources import DataError, first_bad, plain
 
 
 def read_rows(path: str | Path) -> pd.DataFrame:
@@ -41,13 +41,17 @@ def read_rows(path: str | Path) -> pd.DataFrame:
 
 
 def score_rows(scorer: Scorer, rows: pd.DataFrame, where: str = "rows") -> pd.DataFrame:
-    """The id columns of `rows`, the click probability and, when `rows` has the label column, the label."""
+    """The id columns of `rows`, the click probability and, when `rows` has the label column, the label; what
+    differs from the training data without an error is printed as warnings (`mismatch_warnings`)."""
     spec = scorer.spec
     ids = [c for c in (spec.user_field, spec.item_field) if c and c in rows]
     out = rows[ids].reset_index(drop=True).copy()
-    out["probability"] = scorer(rows, where)
+    encoded = scorer.encode(rows, where)
+    out["probability"] = scorer.predict(encoded)
     if spec.label and spec.label.column in rows:
         out["label"] = labels(spec.label, rows[spec.label.column].reset_index(drop=True), where).astype("Int8")
+    for line in mismatch_warnings(spec, rows, encoded):
+        print(line, file=sys.stderr)
     return out
 
 
@@ -59,23 +63,21 @@ def labels(rule: LabelRule, values: pd.Series, where: str) -> pd.Series:
     binary = rule.positive_above is None and rule.negative_below is None
     bad = present & (out.isna() if binary else pd.to_numeric(values.where(present), errors="coerce").isna())
     if bad.any():
-        i = int(bad.to_numpy().argmax())
+        i = first_bad(bad)
         raise DataError(f"{where}: row {i + 1}, column {rule.column!r}: a label must be"
                         f" {'0 or 1' if binary else 'a number'} (as in training), found {plain(values.iloc[i])!r};"
                         " fix the value, or leave it empty for a row without a label")
     return out
 
 
-def mismatch_warnings(spec, rows: pd.DataFrame, sample: int = 10_000) -> list[str]:
-    """What in the rows differs from the training data in a way that changes every score without an error: a
-    feature column missing from every row, or a categorical column most of whose values (in the first `sample`
-    rows) were never seen in training, e.g. ids written differently (`00005` read as 5) or another data set."""
+def mismatch_warnings(spec: FeatureSpec, rows: pd.DataFrame, encoded: pd.DataFrame) -> list[str]:
+    """What in the rows (`encoded`: as the model reads them) differs from the training data in a way that changes
+    every score without an error: a feature column missing from every row, or a categorical column most of whose
+    values were never seen in training, e.g. ids written differently (`00005` read as 5) or another data set."""
     missing = [f.name for f in spec.fields if f.name not in rows]
     out = [f"warning: the rows have no column {', '.join(missing)}: scored as missing in every row"] if missing else []
-    head = rows.head(sample)
-    encoded = encode_rows(head.reset_index(drop=True), spec)
     for f in spec.fields:
-        if f.kind != "categorical" or f.name not in head:
+        if f.kind != "categorical" or f.name not in rows:
             continue
         ids = encoded[f.name].to_numpy()
         given = ids != PAD
@@ -92,8 +94,6 @@ def score_file(scorer: Scorer, rows_path: str | Path, out_path: str | Path) -> p
     where = f"{rows_path} (row 1 is the first line after the header)" if Path(rows_path).suffix == ".csv" \
         else str(rows_path)
     scores = score_rows(scorer, rows, where)
-    for line in mismatch_warnings(scorer.spec, rows):
-        print(line, file=sys.stderr)
     with atomic_path(Path(out_path)) as tmp:
         scores.to_parquet(tmp, index=False)
     return scores

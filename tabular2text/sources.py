@@ -558,21 +558,29 @@ def refuse_short_rows(path: Path, frame: pd.DataFrame) -> None:
             return
 
 
-def list_values(value: object, separator: str) -> list[str]:
-    """A multi-valued cell's values: a string split at `separator`, or a list (parquet's list type) keyed value
-    by value as categorical values are; missing values and empty entries are dropped."""
+def list_keys(value: object, separator: str) -> list[str]:
+    """A multi-valued cell's vocabulary keys, one rule for preparation and serving: a string split at
+    `separator`, a list (parquet's list type) as it is, a single value as one; each keyed as categorical values
+    are (`vocab_key`), missing values and empty entries dropped."""
     if isinstance(value, str):
-        return [s for s in value.split(separator) if s]
-    if isinstance(value, list | tuple | np.ndarray):
-        return [k for v in value if (k := vocab_key(v))]
-    return [] if pd.isna(value) else [s for s in str(value).split(separator) if s]
+        values = value.split(separator)
+    elif isinstance(value, list | tuple | np.ndarray):
+        values = list(value)
+    else:
+        values = [value]
+    return [k for v in values if (k := vocab_key(v))]
+
+
+def first_bad(bad: pd.Series) -> int:
+    """The position of the first True of a boolean column: the row an error names."""
+    return int(bad.to_numpy().argmax())
 
 
 def refuse_lists(values: pd.Series, path: Path) -> None:
     """A single-valued column of a parquet file holds no list (parquet's list type), as in `ctrl score`."""
     listed = values.map(lambda v: isinstance(v, list | tuple | np.ndarray))
     if listed.any():
-        i = int(listed.to_numpy().argmax())
+        i = first_bad(listed)
         raise DataError(f"{path}: row {i + 1}, column {values.name!r}: a list ({list(values.iloc[i])!r:.80}) where a"
                         " categorical field takes one value; declare the field `kind: multi_valued` or store one value"
                         " per row")
@@ -662,7 +670,7 @@ def read_generic(schema_path: Path, history_length: int = 10) -> Table:
                         f" {data_path.name} (its columns: {', '.join(map(str, frame.columns))})")
     for f in fields:
         if f.kind == "multi_valued":
-            frame[f.name] = frame[f.name].map(partial(list_values, separator=f.separator))
+            frame[f.name] = frame[f.name].map(partial(list_keys, separator=f.separator))
         elif f.kind == "numeric":
             frame[f.name] = numeric_column(frame[f.name], data_path, f.name, first_line=2)
         elif f.kind == "categorical":
